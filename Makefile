@@ -1,0 +1,25 @@
+# `make test`: set up ./.venv (first time only) and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test clean-venv
+
+setup: $(STAMP)
+
+# Reinstalls only when requirements.txt or pyproject.toml change (make compares their times with
+# the stamp), so a second `make` costs nothing.
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "megatron-hbpo needs Python >= 3.11 (got $$($(PYTHON) --version)); run: make PYTHON=python3.11 ..."; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,10 @@
+"""The HBPO algorithm as pure functions on tensors (HBPO_SPEC.md s1-s4); no distributed state.
+
+budgets   subgroup assignment and the budget prefix of the prompt
+reward    budget-aware piecewise reward, GRPO's 0/1 reward
+verify    answer extraction and math-verify in a watchdog process pool
+advantage hierarchical (inter + intra budget) advantage, GRPO's group-normalised advantage
+loss      clipped surrogate with dual clip, summed for a global token-mean
+
+Kept free of imports so that the verifier's worker processes start without torch.
+"""

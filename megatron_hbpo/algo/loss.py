@@ -1,0 +1,114 @@
+"""Clipped policy loss with dual clip, summed over response tokens (HBPO_SPEC.md s4).
+
+    rho_t = exp(logp_new - logp_old)
+    l_t   = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A)
+    l_t   = min(l_t, -c * A)                      when A < 0 (dual clip)
+    loss  = sum_t l_t / (response tokens of the whole mini-batch)      ("token-mean")
+
+The function returns the *sum* and the token count of its shard: the global count is known only
+after an all-reduce over micro-batches and data-parallel ranks, which is the caller's business, so
+that every split of a mini-batch yields the same gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# exp() of a log-ratio beyond this is clipped anyway (see clipped_policy_loss); the clamp keeps an
+# overflow from turning into inf * 0 = NaN in backward.
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclass
+class PolicyLossOutput:
+    """Sums over the response tokens of one shard; divide by the global token count to get the loss."""
+
+    loss_sum: torch.Tensor  # scalar, differentiable
+    num_tokens: torch.Tensor  # scalar, response tokens in this shard
+    clipped_tokens: torch.Tensor  # tokens where the clipped branch is active (gradient cut)
+    dual_clipped_tokens: torch.Tensor  # A < 0 tokens bounded by -c * A
+    kl_sum: torch.Tensor  # sum of the per-token KL estimate (0 when no reference is given)
+
+
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
+
+    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r with log r = logp - logp_ref
+    (k3 is the low-variance, always non-negative estimator).
+    """
+    log_ratio = (logp - logp_ref).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio * log_ratio
+    if estimator == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"kl estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def clipped_policy_loss(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    dual_clip_c: float = 3.0,
+    logp_ref: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> PolicyLossOutput:
+    """Per-token clipped surrogate, summed over the response tokens.
+
+    Args:
+        logp_new: [..., T] log-probs of the taken tokens under the policy being trained.
+        logp_old: [..., T] the same under the policy that generated the batch (no grad).
+        advantages: [...] one per sequence (broadcast over T) or [..., T] per token.
+        response_mask: [..., T] bool/0-1, True on response tokens (not prompt, prefix or padding).
+        logp_ref: [..., T] reference-model log-probs; with kl_coef > 0 adds kl_coef * KL per token.
+    """
+    if logp_new.shape != logp_old.shape or logp_new.shape != response_mask.shape:
+        raise ValueError(
+            f"logp_new {tuple(logp_new.shape)}, logp_old {tuple(logp_old.shape)} and response_mask "
+            f"{tuple(response_mask.shape)} must have one shape"
+        )
+    if advantages.shape == logp_new.shape[:-1]:
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logp_new.shape:
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)} must be per sequence {tuple(logp_new.shape[:-1])} or per token "
+            f"{tuple(logp_new.shape)}"
+        )
+    mask = response_mask.bool()
+    advantages = advantages.to(logp_new.dtype).expand_as(logp_new)
+    # Masked positions get ratio 1 before exp, so padding garbage can never make NaN gradients.
+    log_ratio = torch.where(mask, logp_new - logp_old.detach(), torch.zeros_like(logp_new))
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_bound = -dual_clip_c * advantages
+    dual_active = (advantages < 0) & (per_token > dual_bound)
+    per_token = torch.where(dual_active, dual_bound, per_token)
+
+    kl_sum = torch.zeros((), dtype=logp_new.dtype, device=logp_new.device)
+    if logp_ref is not None:
+        # Off the mask both log-probs are replaced by 0: log r = 0, where all three estimators are 0.
+        zero = torch.zeros_like(logp_new)
+        kl = kl_estimate(torch.where(mask, logp_new, zero), torch.where(mask, logp_ref.detach(), zero), kl_estimator)
+        kl_sum = kl.sum()
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+
+    zero = torch.zeros_like(per_token)
+    return PolicyLossOutput(
+        loss_sum=torch.where(mask, per_token, zero).sum(),
+        num_tokens=mask.sum(),
+        clipped_tokens=(mask & (clipped > unclipped) & ~dual_active).sum(),
+        dual_clipped_tokens=(mask & dual_active).sum(),
+        kl_sum=kl_sum.detach(),
+    )
