@@ -1,10 +1,11 @@
+# `make run`: set up ./.venv (first time only) and run the embedded default on CPU.
 # `make test`: set up ./.venv (first time only) and run the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test clean-venv
+.PHONY: setup run test clean-venv
 
 setup: $(STAMP)
 
@@ -17,6 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	@touch $(STAMP)
+
+run: setup
+	$(PY) -m megatron_hbpo.explain --config recipes/tiny_cpu.yaml
 
 test: setup
 	$(PY) -m pytest
