@@ -59,7 +59,18 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     add_qkv_bias: bool = False
     tie_word_embeddings: bool = False
+    # bf16 on GPU (fp32 master weights in the optimizer); fp32 for exact CPU runs.
     params_dtype: Literal["fp32", "bf16"] = "bf16"
+    # The embedding/output vocabulary is padded to a multiple of this times TP (padding is masked
+    # out of the log-softmax).
+    make_vocab_size_divisible_by: int = 128
+    # Layer implementation: Transformer Engine when CUDA and TE are present ("auto"), or forced.
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    # FP8 training (Transformer Engine only): null, "delayed" scaling or "current" (per-tensor) scaling.
+    fp8: Optional[Literal["delayed", "current"]] = None
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    # With FP8, this many first and last layers stay in bf16.
+    fp8_bf16_layers: int = 1
 
 
 @dataclass
@@ -433,6 +444,17 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     else:
         _check(m.kv_channels > 0, "model.kv_channels", f"must be positive, got {m.kv_channels}")
     _check(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
+    _check(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by",
+           f"must be >= 1, got {m.make_vocab_size_divisible_by}")
+    if m.fp8 is not None:
+        _check(m.transformer_impl != "local", "model.fp8",
+               "FP8 needs Transformer Engine layers; set model.transformer_impl to auto or transformer_engine")
+        _check(m.params_dtype == "bf16", "model.fp8", "FP8 training keeps bf16 params; set model.params_dtype=bf16")
+        _check(0 <= 2 * m.fp8_bf16_layers < m.num_layers, "model.fp8_bf16_layers",
+               f"{m.fp8_bf16_layers} first + last bf16 layers leave no FP8 layer of {m.num_layers}")
+    if m.rope_scaling is not None:
+        _check(m.rope_scaling.get("rope_type", m.rope_scaling.get("type")) == "llama3", "model.rope_scaling",
+               f"only Llama-3 rope scaling ({{rope_type: llama3, factor: ...}}) is supported, got {m.rope_scaling}")
     _check(m.norm_epsilon > 0, "model.norm_epsilon", f"must be positive, got {m.norm_epsilon}")
 
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):

@@ -1,0 +1,1 @@
+"""Everything that touches Megatron-Core: model, log-probs, training step, CPU shims."""

@@ -1,0 +1,109 @@
+"""Run Megatron-Core on CPU (gloo) for development and CI: the shims, in one place.
+
+Megatron-Core assumes CUDA in a few places: it asks `torch.cuda.current_device()` where to put
+buffers, hard-codes `device="cuda"` / `.cuda()` in the pipeline schedules and checkpointing, calls
+stream/event/synchronize APIs, and asserts `Tensor.type()` names a `torch.cuda.*` type in grad
+clipping and the distributed optimizer. `enable()` patches exactly those, and only when CUDA is
+absent: on a GPU machine it returns False and touches nothing, so GPU code paths never see it.
+Which Megatron calls need which shim was measured in ../shared/ENVIRONMENT.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+_enabled = False
+
+
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Maps `device="cuda"`, `.cuda()` and `.to("cuda")` inside Megatron to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+
+class _NullEvent:
+    """Host-clock event, so that Megatron's timers still measure something on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        self.time = None
+
+    def record(self, *args, **kwargs):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end: "_NullEvent") -> float:
+        return (end.time - self.time) * 1000.0
+
+
+def enable() -> bool:
+    """Install the CPU shims if CUDA is absent (idempotent). Returns whether CPU mode is on."""
+    global _enabled
+    if _enabled:
+        return True
+    if torch.cuda.is_available():
+        return False
+    torch.cuda.current_device = lambda: "cpu"  # rotary embedding, global memory buffer
+    _CudaToCpu().__enter__()  # stays on for the life of the process
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.empty_cache = lambda *args, **kwargs: None
+    torch.cuda.Stream = _NullStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.Event = _NullEvent
+
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(name, str) and name.startswith("torch.") \
+                and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    torch.Tensor.type = cuda_named_type  # clip_grads and the distributed optimizer assert cuda types
+    _enabled = True
+    return True
+
+
+def is_enabled() -> bool:
+    return _enabled

@@ -1,0 +1,201 @@
+"""The policy: a Megatron-Core GPTModel built from a Hugging Face config (Qwen2, Llama 3).
+
+Layers come from Megatron's layer specs: Transformer Engine (optionally FP8) when CUDA and TE are
+present, Megatron's local spec otherwise (CPU, CI). The vocabulary is padded to a multiple of
+`make_vocab_size_divisible_by x TP`; `logprobs.py` masks the padding out of the log-softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_hbpo.config import ConfigError, ModelConfig, ParallelConfig
+
+_FAMILY_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def rope_settings(hf_config: Any) -> tuple[float, dict | None]:
+    """(rope theta, rope-scaling dict or None) from a transformers config of either generation."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    scaling = params if params.get("rope_type", "default") != "default" else getattr(hf_config, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+def hf_config_from_recipe(model: ModelConfig) -> Any:
+    """The transformers config the recipe's architecture fields describe (for random-init models)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    rope_parameters = {"rope_type": "default", "rope_theta": model.rope_theta}
+    if model.rope_scaling:
+        rope_parameters = {**model.rope_scaling, "rope_theta": model.rope_theta}
+    common = dict(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups, max_position_embeddings=model.max_position_embeddings,
+        rms_norm_eps=model.norm_epsilon, tie_word_embeddings=model.tie_word_embeddings,
+        rope_parameters=rope_parameters,
+        head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
+    )
+    if model.family == "qwen2":
+        if not model.add_qkv_bias:
+            raise ConfigError("model.add_qkv_bias: Qwen2 attention has q/k/v biases; set it to true")
+        return Qwen2Config(**common)
+    return LlamaConfig(attention_bias=model.add_qkv_bias, mlp_bias=False, **common)
+
+
+def check_hf_config(model: ModelConfig, hf_config: Any) -> None:
+    """Raise ConfigError where the recipe's architecture disagrees with a checkpoint's config.json."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != _FAMILY_MODEL_TYPES[model.family]:
+        raise ConfigError(f"model.family: recipe says {model.family!r} but {model.hf_path} is {model_type!r}")
+    theta, scaling = rope_settings(hf_config)
+    expected = {
+        "num_layers": hf_config.num_hidden_layers, "hidden_size": hf_config.hidden_size,
+        "ffn_hidden_size": hf_config.intermediate_size, "num_attention_heads": hf_config.num_attention_heads,
+        "num_query_groups": hf_config.num_key_value_heads, "vocab_size": hf_config.vocab_size,
+        "rope_theta": theta, "tie_word_embeddings": bool(hf_config.tie_word_embeddings),
+    }
+    for name, value in expected.items():
+        if getattr(model, name) != value:
+            raise ConfigError(f"model.{name}: recipe says {getattr(model, name)} but {model.hf_path}/config.json "
+                              f"says {value}; fix the recipe")
+
+
+def _set_scaled_rope(gpt: Any, hf_config: Any, scaling: dict) -> None:
+    """Llama-3 rope scaling with the checkpoint's own constants.
+
+    Megatron-Core's `rope_scaling` hard-codes low/high frequency factors and the original context
+    (1, 4, 8192); transformers computes the frequencies from the config, so we take them from it.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type != "llama3":
+        raise ConfigError(f"model.rope_scaling: only llama3 rope scaling is supported, got {rope_type!r}")
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hf_config, device="cpu")
+    if attention_factor != 1.0:
+        raise ConfigError(f"model.rope_scaling: attention scaling {attention_factor} is not supported")
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if rotary is None or rotary.inv_freq.shape != inv_freq.shape:
+        raise ConfigError("model.rope_scaling: the model has no rotary embedding of the expected size")
+    rotary.inv_freq = inv_freq.to(dtype=rotary.inv_freq.dtype, device=rotary.inv_freq.device)
+
+
+def use_transformer_engine(impl: str) -> bool:
+    if impl == "local":
+        return False
+    available = torch.cuda.is_available()
+    if available:
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            available = False
+    if impl == "transformer_engine" and not available:
+        raise ConfigError("model.transformer_impl: transformer_engine needs CUDA and the transformer-engine "
+                          "package; use auto or local")
+    return available
+
+
+def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
+                       variable_seq_lengths: bool = False):
+    """Megatron TransformerConfig for a Qwen2/Llama HF config and the recipe's precision/parallel knobs."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = model.params_dtype == "bf16"
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    qkv_bias = hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    fp8 = {}
+    if model.fp8 is not None:
+        fp8 = dict(fp8=model.fp8_format, fp8_recipe="delayed" if model.fp8 == "delayed" else "tensorwise",
+                   first_last_layers_bf16=model.fp8_bf16_layers > 0,
+                   num_layers_at_start_in_bf16=model.fp8_bf16_layers, num_layers_at_end_in_bf16=model.fp8_bf16_layers)
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        # Rollout sequences differ in length: send shapes between pipeline stages.
+        variable_seq_lengths=variable_seq_lengths,
+        # A MoE-only setting, but TransformerConfig rejects its default ("allgather") together with
+        # variable_seq_lengths even for dense models.
+        moe_token_dispatcher_type="alltoall",
+        # Loss functions return (sum, token count); Megatron divides the gradients by the global count.
+        calculate_per_token_loss=True,
+        # The fused kernels exist only with CUDA (and the rope/layernorm ones only with TE).
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=use_te,
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=use_te,
+        persist_layer_norm=use_te,
+        **fp8,
+    )
+
+
+def build_gpt_model(hf_config: Any, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
+                    post_process: bool = True, variable_seq_lengths: bool = False):
+    """One pipeline stage of the policy (all of it when PP = 1), on the current device."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if hf_config.model_type not in _FAMILY_MODEL_TYPES.values():
+        raise ConfigError(f"model.family: unsupported architecture {hf_config.model_type!r}; "
+                          f"supported: {sorted(_FAMILY_MODEL_TYPES.values())}")
+    use_te = use_transformer_engine(model.transformer_impl)
+    if parallel.sequence_parallel and not use_te:
+        raise ConfigError("parallel.sequence_parallel: Megatron's local layers do not support it; "
+                          "use Transformer Engine layers (GPU) or set it to false")
+    config = transformer_config(hf_config, model, parallel, use_te=use_te, variable_seq_lengths=variable_seq_lengths)
+    spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="RMSNorm")
+    theta, scaling = rope_settings(hf_config)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(hf_config.vocab_size, parallel.tensor_model_parallel_size,
+                                     model.make_vocab_size_divisible_by),
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,  # logits stay vocab-parallel; logprobs.py never gathers the vocabulary
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_base=theta,
+    )
+    if scaling is not None:
+        _set_scaled_rope(gpt, hf_config, scaling)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+

@@ -1,0 +1,47 @@
+"""Process groups: torch.distributed + Megatron parallel_state, on GPU (NCCL) or CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_hbpo.config import ParallelConfig
+from megatron_hbpo.megatron import cpu
+
+
+def initialize(parallel: ParallelConfig, seed: int) -> None:
+    """Start the default group (torchrun's env:// or a world of one) and Megatron's model-parallel groups.
+
+    Call after the recipe has been validated: this is where the process group starts.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    on_cpu = cpu.enable()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="gloo" if on_cpu else "nccl")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    torch.manual_seed(seed)
+    # On CPU there is no CUDA RNG to fork per TP rank: Megatron's inference tracker makes the
+    # tracker a no-op (dropout is 0 in these models anyway).
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=on_cpu, force_reset_rng=on_cpu)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
