@@ -1,0 +1,86 @@
+"""Full (unsharded, globally named) views of a TP/PP-sharded GPTModel stage.
+
+A pipeline stage numbers its layers from 0; the global name adds the stage's layer offset. With
+tied embeddings the last stage's `output_layer.weight` is a copy of the embedding, so it maps to
+`embedding.word_embeddings.weight`. The vocabulary dimension is padded differently at each TP size;
+`load_full_state` pads or trims it so that a state saved at one TP size loads at another.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_hbpo.megatron.sharding import gather_full, shard_of
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _gpt(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def layer_offset(gpt: torch.nn.Module) -> int:
+    from megatron.core import parallel_state
+
+    config = gpt.config
+    return parallel_state.get_pipeline_model_parallel_rank() * (
+        config.num_layers // parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def global_name(local_name: str, gpt: torch.nn.Module) -> str:
+    offset = layer_offset(gpt)
+    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name, count=1)
+    if name == "output_layer.weight" and gpt.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+def _fit_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
+    if full.shape[0] == rows:
+        return full
+    if full.shape[0] > rows:
+        return full[:rows]
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+
+
+@torch.no_grad()
+def load_full_state(model: torch.nn.Module, get_full: Callable[[str], torch.Tensor]) -> None:
+    """Copy full tensors (by global GPTModel name) into this rank's shards of `model`."""
+    from megatron.core import parallel_state
+
+    gpt = _gpt(model)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    for local_name, param in gpt.named_parameters():
+        name = global_name(local_name, gpt)
+        full = get_full(name)
+        if local_name in _VOCAB_PARAMS:
+            full = _fit_rows(full, param.shape[0] * (world if getattr(param, "tensor_model_parallel", False) else 1))
+        shard = shard_of(full, param, rank, world)
+        if shard.shape != param.shape:
+            raise ValueError(f"{name}: full tensor {tuple(full.shape)} gives a shard of {tuple(shard.shape)} on TP rank "
+                             f"{rank}, the parameter is {tuple(param.shape)}")
+        param.copy_(shard.to(dtype=param.dtype, device=param.device))
+
+
+def iter_full_tensors(model: torch.nn.Module, *, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global name, full tensor) of this stage's parameters (or their reduced gradients).
+
+    A collective over the TP group: every TP rank must iterate. Gradients are Megatron DDP's
+    `main_grad` (the sum scaled by 1 / global token count after finalize). A tensor that is not
+    TP-sharded is yielded as a view of the parameter: clone it to keep it past an optimizer step.
+    """
+    gpt = _gpt(model)
+    for local_name, param in gpt.named_parameters():
+        tensor = param.detach()
+        if grads:
+            tensor = getattr(param, "main_grad", None)
+            if tensor is None:
+                tensor = param.grad if param.grad is not None else torch.zeros_like(param)
+        yield global_name(local_name, gpt), gather_full(tensor.detach(), param)

@@ -1,0 +1,267 @@
+"""The HBPO update as a Megatron training step.
+
+`MegatronPolicy` owns the model chunks (Megatron DDP around a GPTModel stage), the Megatron
+optimizer (distributed optimizer by default, fp32 master weights for bf16 params) and its LR
+schedule. Per rollout batch the trainer calls:
+
+    logprobs(sequences)        forward only, no grad: logp_old (and the mismatch metric)
+    train_step(mini_batch)     forward_backward_func over dynamic micro-batches + optimizer step
+
+The loss function hands Megatron (sum of per-token losses, response-token count); with
+`calculate_per_token_loss` Megatron all-reduces the count over micro-batches, pipeline stages and
+data-parallel ranks and divides the gradients by it: the spec's global token-mean. Before the
+optimizer sees the gradients, every rank checks loss and gradients for NaN/inf and all ranks stop
+together with an error that names the micro-batch or parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_hbpo.algo.loss import clipped_policy_loss
+from megatron_hbpo.config import ConfigError, Recipe
+from megatron_hbpo.megatron.batching import MicroBatch, PolicySequence, collate, gather_response, padding_fraction, \
+    plan_microbatches
+from megatron_hbpo.megatron.logprobs import token_logprobs
+from megatron_hbpo.megatron.model import build_gpt_model
+from megatron_hbpo.megatron.state import load_full_state
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss or gradient; raised on every rank before the optimizer step."""
+
+
+@dataclass
+class StepMetrics:
+    loss: float  # token-mean HBPO loss of the mini-batch (all ranks)
+    response_tokens: int
+    clip_fraction: float
+    dual_clip_fraction: float
+    kl: float  # mean per-token KL estimate (0 without a reference)
+    entropy: float  # mean per-token entropy of the policy
+    grad_norm: float
+    lr: float
+    padding_fraction: float  # this rank's padded share of computed token slots
+    micro_batches: int
+    seconds: float
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class MegatronPolicy:
+    """The policy's Megatron side. Requires `megatron.parallel.initialize` to have run."""
+
+    def __init__(self, recipe: Recipe, hf_config: Any, *, optimizer_steps: int | None = None):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        if recipe.parallel.context_parallel_size > 1:
+            raise ConfigError("parallel.context_parallel_size: the HBPO training step does not split sequences "
+                              "over context-parallel ranks yet; set it to 1")
+        self.recipe = recipe
+        self.vocab_size = hf_config.vocab_size
+        self.pad_token_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+        self.pipeline_parallel = recipe.parallel.pipeline_model_parallel_size > 1
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        gpt = build_gpt_model(hf_config, recipe.model, recipe.parallel,
+                              pre_process=parallel_state.is_pipeline_first_stage(), post_process=self.is_last_stage,
+                              variable_seq_lengths=self.pipeline_parallel)
+        config = gpt.config
+        self.config = config
+        module = Float16Module(config, gpt) if config.bf16 else gpt
+        opt = recipe.optimizer
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=opt.use_distributed_optimizer,
+            check_for_nan_in_grad=False,  # checked below, with parameter names and on all ranks at once
+        )
+        self.model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                            adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+                            clip_grad=opt.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
+                            use_distributed_optimizer=opt.use_distributed_optimizer),
+            self.model,
+        )
+        total = optimizer_steps or recipe.train.total_steps * (recipe.train.prompts_per_step
+                                                               // recipe.train.mini_batch_prompts)
+        warmup = opt.lr_warmup_steps if opt.lr_schedule != "constant" else 0
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=max(total, warmup + 1),
+            lr_decay_style="cosine" if opt.lr_schedule == "cosine" else "constant",
+            start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant",
+        )
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = self._check_and_finalize_grads
+        self._bad_micro_batches: list[str] = []
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def load_full_state(self, get_full: Callable[[str], torch.Tensor]) -> None:
+        """Load full tensors by global GPTModel name (any TP/PP layout) and refresh the optimizer's
+        fp32 main copies of them."""
+        load_full_state(self.model[0], get_full)
+        self.optimizer.reload_model_params()
+
+    # -- forward passes ----------------------------------------------------------------------------
+
+    def _micro_batches(self, sequences: list[PolicySequence]) -> tuple[list[MicroBatch], float]:
+        lengths = [len(seq.tokens) for seq in sequences]
+        plan = plan_microbatches(lengths, self.recipe.train.micro_batch_tokens)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        batches = [collate(sequences, indices, pad_token_id=self.pad_token_id).to(device) for indices in plan]
+        return batches, padding_fraction(lengths, plan)
+
+    def _run(self, batches: list[MicroBatch], loss_func, *, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch.tokens, batch.position_ids, batch.attention_mask)
+            return output, partial(loss_func, batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=self.model,
+            num_microbatches=len(batches), seq_length=max(b.tokens.size(1) for b in batches),
+            micro_batch_size=max(b.tokens.size(0) for b in batches), forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[PolicySequence]) -> list[torch.Tensor]:
+        """log p of each sequence's response tokens under the current weights, on every rank (CPU fp32)."""
+        batches, _ = self._micro_batches(sequences)
+        temperature = self.recipe.rollout.temperature
+
+        def loss_func(batch: MicroBatch, logits: torch.Tensor):
+            logp, _ = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size, temperature=temperature)
+            zero = torch.zeros((), device=logp.device)
+            return zero, torch.zeros((), dtype=torch.int, device=logp.device), {"logp": logp.float().cpu()}
+
+        for model in self.model:
+            model.eval()
+        outputs = self._run(batches, loss_func, forward_only=True)
+        for model in self.model:
+            model.train()
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        if self.is_last_stage:
+            for batch, out in zip(batches, outputs):
+                for index, values in zip(batch.indices, gather_response(out["logp"], batch, sequences)):
+                    results[index] = values.clone()
+        return self._from_last_stage(results, sequences)
+
+    def _from_last_stage(self, results: list, sequences: list[PolicySequence]) -> list[torch.Tensor]:
+        """Broadcast per-sequence values from the last pipeline stage to the others."""
+        from megatron.core import parallel_state
+
+        if not self.pipeline_parallel:
+            return results
+        sizes = [seq.response_length for seq in sequences]
+        flat = torch.cat(results) if self.is_last_stage else torch.empty(sum(sizes))
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        flat = flat.to(device)
+        dist.broadcast(flat, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return list(flat.cpu().split(sizes))
+
+    # -- the update --------------------------------------------------------------------------------
+
+    def forward_backward(self, sequences: list[PolicySequence]) -> tuple[torch.Tensor, float, int]:
+        """Gradients of the mini-batch's token-mean HBPO loss, reduced over DP; no optimizer step.
+
+        Returns (sums [loss, tokens, clipped, dual-clipped, kl, entropy] over all ranks, this rank's
+        padding fraction, number of micro-batches).
+        """
+        if any(seq.logp_old is None for seq in sequences):
+            raise ValueError("every sequence needs logp_old (from MegatronPolicy.logprobs) before training")
+        batches, padding = self._micro_batches(sequences)
+        algo, temperature = self.recipe.algo, self.recipe.rollout.temperature
+        self._bad_micro_batches = []
+
+        def loss_func(batch: MicroBatch, logits: torch.Tensor):
+            logp, entropy = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size,
+                                           temperature=temperature, with_entropy=True)
+            out = clipped_policy_loss(
+                logp, batch.logp_old, batch.advantages, batch.response_mask, clip_eps_low=algo.clip_eps_low,
+                clip_eps_high=algo.clip_eps_high, dual_clip_c=algo.dual_clip_c, logp_ref=batch.logp_ref,
+                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+            )
+            if not torch.isfinite(out.loss_sum.detach()):
+                self._bad_micro_batches.append(
+                    f"the loss of the micro-batch holding sequences {batch.indices} of this rank")
+            entropy_sum = torch.where(batch.response_mask, entropy, torch.zeros_like(entropy)).sum()
+            stats = torch.stack([out.loss_sum.detach(), out.num_tokens.float(), out.clipped_tokens.float(),
+                                 out.dual_clipped_tokens.float(), out.kl_sum.float(), entropy_sum]).cpu()
+            return out.loss_sum, out.num_tokens.int(), {"stats": stats}
+
+        for model in self.model:
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(batches, loss_func, forward_only=False)
+        local = torch.stack([o["stats"] for o in outputs]).sum(0) if self.is_last_stage and outputs \
+            else torch.zeros(6)
+        return self._sum_over_ranks(local), padding, len(batches)
+
+    def _sum_over_ranks(self, local: torch.Tensor) -> torch.Tensor:
+        """Sum over the DP ranks of the last pipeline stage, visible on every rank."""
+        from megatron.core import parallel_state
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        total = local.to(device=device, dtype=torch.float64)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if self.pipeline_parallel:  # only the last stage holds loss statistics; the others add 0
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return total.cpu()
+
+    def _check_and_finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
+        """Megatron's finalize_model_grads, after checking every rank's local loss and gradients."""
+        from megatron.core.distributed import finalize_model_grads
+
+        bad = list(self._bad_micro_batches)
+        for name, param in _unwrap(model[0]).named_parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                bad.append(f"gradient of {name}")
+        flag = torch.tensor([float(len(bad))], device=torch.cuda.current_device() if torch.cuda.is_available()
+                            else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            rank = dist.get_rank()
+            where = ("; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")) if bad else \
+                "another rank (see its error)"
+            raise NonFiniteError(f"rank {rank}: non-finite loss or gradient in {where}; the optimizer step was "
+                                 "not taken and the weights are unchanged")
+        finalize_model_grads(model, num_tokens, **kwargs)
+
+    def train_step(self, sequences: list[PolicySequence]) -> StepMetrics:
+        """One optimizer step on a mini-batch (this rank's share of it)."""
+        start = time.perf_counter()
+        sums, padding, micro_batches = self.forward_backward(sequences)
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:
+            raise NonFiniteError("the optimizer skipped its step (non-finite gradients after loss scaling)")
+        self.scheduler.step(increment=1)
+        loss_sum, tokens, clipped, dual, kl_sum, entropy_sum = sums.tolist()
+        tokens_safe = max(tokens, 1.0)
+        return StepMetrics(
+            loss=loss_sum / tokens_safe, response_tokens=int(tokens), clip_fraction=clipped / tokens_safe,
+            dual_clip_fraction=dual / tokens_safe, kl=kl_sum / tokens_safe, entropy=entropy_sum / tokens_safe,
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            lr=self.optimizer.param_groups[0]["lr"], padding_fraction=padding, micro_batches=micro_batches,
+            seconds=time.perf_counter() - start,
+        )
