@@ -86,7 +86,7 @@ def test_score_sets_format_flags(verifier):
 
 def test_pathological_answer_costs_at_most_its_timeout_and_spares_the_batch():
     with AnswerVerifier(num_workers=2, timeout_s=1.0) as v:
-        v.check(["1"], ["1"])  # workers are up
+        v.check(["\\sqrt{4}"] * 4, ["2"] * 4)  # workers are up (plain numbers never reach them)
         golds = [str(i) for i in range(40)]
         answers = [str(i) if i % 2 == 0 else str(i + 1) for i in range(40)]
         answers[17] = "9^{9^{9^9}}"
@@ -119,7 +119,7 @@ def test_a_hung_worker_is_killed_at_the_deadline_and_replaced():
 
 def test_a_crashed_worker_scores_its_item_incorrect_and_the_batch_completes():
     with AnswerVerifier(num_workers=1, timeout_s=30.0) as v:
-        v.check(["1"], ["1"])
+        v.check(["\\sqrt{4}"], ["2"])  # the worker is up (plain numbers never reach it)
         [pid] = v.worker_pids()
         box = {}
         runner = threading.Thread(target=lambda: box.update(r=v.check(["1", "2", "3"], ["9^{9^{9^9}}", "2", "3"])))
@@ -132,6 +132,14 @@ def test_a_crashed_worker_scores_its_item_incorrect_and_the_batch_completes():
         assert time.monotonic() - start < 10  # far below the 30 s timeout
     assert box["r"] == [(False, CRASH), (True, OK), (True, OK)]
     assert v.stats[CRASH] == 1
+
+
+def test_a_worker_killed_before_it_is_ready_is_replaced():
+    with AnswerVerifier(num_workers=1, timeout_s=5.0) as v:
+        [pid] = v.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        assert v.check(["\\sqrt{9}"], ["3"]) == [(True, OK)]
+        assert v.worker_pids() != [pid]
 
 
 def test_closed_verifier_and_bad_arguments():

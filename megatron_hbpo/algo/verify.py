@@ -335,6 +335,8 @@ class AnswerVerifier:
         except (EOFError, OSError):
             if not worker.ready:
                 code = worker.process.wait()
+                if code < 0:  # killed from outside (OOM killer, a signal) before its first item: replace it
+                    return finished + self._fail_current(worker, CRASH, results, pending)
                 raise RuntimeError(
                     f"a verifier worker died while starting (exit code {code}); check that math-verify "
                     "imports in this environment"
