@@ -10,10 +10,12 @@ the fused linears (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
+# The HF model types this mapping (and the Megatron model builder) supports.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # Megatron per-layer suffix -> HF per-layer suffix, for the tensors that map one to one.
 _DIRECT = {
@@ -78,36 +80,67 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, hf_config: Any) -> list[tupl
     raise KeyError(f"no Hugging Face name for Megatron parameter {name!r}")
 
 
-def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config: Any, padded_vocab: int, *,
-                   transformer_engine: bool = False) -> dict[str, torch.Tensor]:
-    """A full Megatron GPTModel state (local-spec or TE names) from an HF state dict."""
+def expected_hf_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of this config must hold, with its shape."""
+    heads, groups, head_dim = _heads(hf_config)
+    hidden, ffn, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
+    qkv_bias = hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not hf_config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(hf_config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (groups * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (groups * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })
+        if qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (heads * head_dim,), p + "self_attn.k_proj.bias": (groups * head_dim,),
+                           p + "self_attn.v_proj.bias": (groups * head_dim,)})
+    return shapes
+
+
+def hf_to_megatron_tensors(get: Callable[[str], torch.Tensor], hf_config: Any, padded_vocab: int, *,
+                           transformer_engine: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Megatron name, full tensor) pairs, reading HF tensors through `get` one layer at a time."""
     def pad_vocab(t: torch.Tensor) -> torch.Tensor:
         if t.shape[0] > padded_vocab:
             raise ValueError(f"vocabulary of {t.shape[0]} rows does not fit the padded size {padded_vocab}")
         return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], *t.shape[1:])]) if t.shape[0] < padded_vocab else t
 
-    out = {"embedding.word_embeddings.weight": pad_vocab(hf_state["model.embed_tokens.weight"]),
-           "decoder.final_layernorm.weight": hf_state["model.norm.weight"]}
-    if not hf_config.tie_word_embeddings:
-        out["output_layer.weight"] = pad_vocab(hf_state["lm_head.weight"])
+    qkv_bias = hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
     norms = ({"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
               "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"} if transformer_engine else
              {"input_layernorm.weight": "input_layernorm.weight",
               "post_attention_layernorm.weight": "pre_mlp_layernorm.weight"})
+    yield "embedding.word_embeddings.weight", pad_vocab(get("model.embed_tokens.weight"))
     for layer in range(hf_config.num_hidden_layers):
         hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
         attn = hf + "self_attn."
-        out[mc + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf_state[attn + "q_proj.weight"], hf_state[attn + "k_proj.weight"], hf_state[attn + "v_proj.weight"],
-            hf_config)
-        if attn + "q_proj.bias" in hf_state:
-            out[mc + "self_attention.linear_qkv.bias"] = fuse_qkv(
-                hf_state[attn + "q_proj.bias"], hf_state[attn + "k_proj.bias"], hf_state[attn + "v_proj.bias"],
-                hf_config)
-        out[mc + "self_attention.linear_proj.weight"] = hf_state[attn + "o_proj.weight"]
-        out[mc + "mlp.linear_fc1.weight"] = torch.cat([hf_state[hf + "mlp.gate_proj.weight"],
-                                                       hf_state[hf + "mlp.up_proj.weight"]])
-        out[mc + "mlp.linear_fc2.weight"] = hf_state[hf + "mlp.down_proj.weight"]
         for hf_norm, mc_norm in norms.items():
-            out[mc + mc_norm] = hf_state[hf + hf_norm]
-    return out
+            yield mc + mc_norm, get(hf + hf_norm)
+        yield mc + "self_attention.linear_qkv.weight", fuse_qkv(
+            get(attn + "q_proj.weight"), get(attn + "k_proj.weight"), get(attn + "v_proj.weight"), hf_config)
+        if qkv_bias:
+            yield mc + "self_attention.linear_qkv.bias", fuse_qkv(
+                get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), hf_config)
+        yield mc + "self_attention.linear_proj.weight", get(attn + "o_proj.weight")
+        yield mc + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
+        yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if not hf_config.tie_word_embeddings:
+        yield "output_layer.weight", pad_vocab(get("lm_head.weight"))
+
+
+def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config: Any, padded_vocab: int, *,
+                   transformer_engine: bool = False) -> dict[str, torch.Tensor]:
+    """A full Megatron GPTModel state (local-spec or TE names) from an in-memory HF state dict."""
+    return dict(hf_to_megatron_tensors(hf_state.__getitem__, hf_config, padded_vocab,
+                                       transformer_engine=transformer_engine))

@@ -7,6 +7,7 @@ present, Megatron's local spec otherwise (CPU, CI). The vocabulary is padded to 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,12 @@ _FAMILY_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
-    multiple = divisible_by * tensor_parallel_size
+    """The vocabulary rounded up to a multiple of `divisible_by` (and of TP if that does not divide it).
+
+    Independent of TP whenever TP divides `divisible_by` (any power of two up to 128 by default), so
+    a checkpoint written at one TP size loads at another.
+    """
+    multiple = math.lcm(divisible_by, tensor_parallel_size)
     return -(-vocab_size // multiple) * multiple
 
 
@@ -52,6 +58,27 @@ def hf_config_from_recipe(model: ModelConfig) -> Any:
             raise ConfigError("model.add_qkv_bias: Qwen2 attention has q/k/v biases; set it to true")
         return Qwen2Config(**common)
     return LlamaConfig(attention_bias=model.add_qkv_bias, mlp_bias=False, **common)
+
+
+def model_config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+    """The recipe's model section that describes an HF config (e.g. for conversion tools)."""
+    if hf_config.model_type not in _FAMILY_MODEL_TYPES.values():
+        raise ConfigError(f"model.family: unsupported architecture {hf_config.model_type!r} "
+                          f"(architectures {getattr(hf_config, 'architectures', None)}); supported: "
+                          f"{sorted(_FAMILY_MODEL_TYPES.values())}")
+    theta, scaling = rope_settings(hf_config)
+    fields = dict(
+        family=hf_config.model_type, num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size, num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads, vocab_size=hf_config.vocab_size,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        kv_channels=getattr(hf_config, "head_dim", None), rope_theta=theta,
+        rope_scaling={k: v for k, v in scaling.items() if k != "rope_theta"} if scaling else None,
+        norm_epsilon=hf_config.rms_norm_eps, tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        add_qkv_bias=hf_config.model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
 
 
 def check_hf_config(model: ModelConfig, hf_config: Any) -> None:
@@ -108,7 +135,7 @@ def use_transformer_engine(impl: str) -> bool:
 
 
 def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
-                       variable_seq_lengths: bool = False):
+                       variable_seq_lengths: bool = False, initialize: bool = True):
     """Megatron TransformerConfig for a Qwen2/Llama HF config and the recipe's precision/parallel knobs."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -151,6 +178,8 @@ def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelCon
         calculate_per_token_loss=True,
         # The fused kernels exist only with CUDA (and the rope/layernorm ones only with TE).
         use_cpu_initialization=not torch.cuda.is_available(),
+        # Random init costs minutes at 70B; skip it when every weight is about to be loaded.
+        perform_initialization=initialize,
         gradient_accumulation_fusion=use_te,
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
@@ -162,7 +191,7 @@ def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelCon
 
 
 def build_gpt_model(hf_config: Any, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
-                    post_process: bool = True, variable_seq_lengths: bool = False):
+                    post_process: bool = True, variable_seq_lengths: bool = False, initialize: bool = True):
     """One pipeline stage of the policy (all of it when PP = 1), on the current device."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -177,7 +206,8 @@ def build_gpt_model(hf_config: Any, model: ModelConfig, parallel: ParallelConfig
     if parallel.sequence_parallel and not use_te:
         raise ConfigError("parallel.sequence_parallel: Megatron's local layers do not support it; "
                           "use Transformer Engine layers (GPU) or set it to false")
-    config = transformer_config(hf_config, model, parallel, use_te=use_te, variable_seq_lengths=variable_seq_lengths)
+    config = transformer_config(hf_config, model, parallel, use_te=use_te, variable_seq_lengths=variable_seq_lengths,
+                                initialize=initialize)
     spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="RMSNorm")
     theta, scaling = rope_settings(hf_config)
     gpt = GPTModel(

@@ -1,0 +1,131 @@
+"""Offline conversion: HF checkpoint <-> Megatron dist checkpoint (single process, CPU).
+
+A converted checkpoint is a directory:
+
+    hbpo_checkpoint.json   what it is (family, vocab and padded vocab, dtype, source)
+    megatron/              Megatron dist_checkpointing (torch_dist) weights, loadable at any TP/PP
+    hf/                    the HF config, generation config and tokenizer files, so training and
+                           evaluation need no other path
+
+Both directions stream: HF -> Megatron reads one layer's tensors at a time into a Megatron model
+built without random init (peak: the model plus one layer); Megatron -> HF writes shards of at most
+`max_shard_bytes` (peak: the model plus one shard). Outputs appear atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_hbpo.config import ParallelConfig
+from megatron_hbpo.convert.hf_io import CheckpointError, HFCheckpoint, atomic_directory, copy_side_files, \
+    write_safetensors
+from megatron_hbpo.convert.mapping import hf_to_megatron_tensors, megatron_to_hf
+
+MARKER = "hbpo_checkpoint.json"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _cpu_world_of_one() -> None:
+    """Conversion runs on the CPU in a world of one, whatever the machine has."""
+    from megatron_hbpo.megatron import parallel
+
+    parallel.initialize(ParallelConfig(), seed=0)
+
+
+def _build(hf_config: Any, dtype: str):
+    from megatron_hbpo.megatron.model import build_gpt_model, model_config_from_hf
+
+    model_cfg = model_config_from_hf(hf_config, params_dtype=dtype, transformer_impl="local")
+    return build_gpt_model(hf_config, model_cfg, ParallelConfig(), initialize=False), model_cfg
+
+
+def hf_to_megatron_checkpoint(hf_dir: str | Path, out: str | Path, *, dtype: str = "bf16",
+                              overwrite: bool = False) -> dict:
+    """Convert an HF Qwen2/Llama checkpoint directory; returns timing and size figures."""
+    from megatron_hbpo.megatron.checkpoint import save_weights
+    from megatron_hbpo.megatron.model import padded_vocab_size
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    start = time.perf_counter()
+    source = HFCheckpoint(hf_dir)
+    source.validate()
+    _cpu_world_of_one()
+    gpt, model_cfg = _build(source.config, dtype)
+    params = dict(gpt.named_parameters())
+    padded = padded_vocab_size(source.config.vocab_size, 1, model_cfg.make_vocab_size_divisible_by)
+    loaded, nbytes = set(), 0
+    with torch.no_grad():
+        for name, tensor in hf_to_megatron_tensors(source.get, source.config, padded):
+            if name not in params:
+                raise CheckpointError(f"{hf_dir}: the mapping produced {name}, which the Megatron model lacks")
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, the Megatron model expects "
+                                      f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor.to(DTYPES[dtype]))
+            loaded.add(name)
+            nbytes += tensor.numel() * tensor.element_size()
+    if set(params) - loaded:
+        raise CheckpointError(f"{hf_dir}: no HF tensor for Megatron parameters {sorted(set(params) - loaded)[:5]}")
+    read_seconds = time.perf_counter() - start
+    with atomic_directory(out, overwrite=overwrite, marker=MARKER) as tmp:
+        save_weights(gpt, tmp / "megatron")
+        copy_side_files(source.path, tmp / "hf")
+        meta = {"format": 1, "family": model_cfg.family, "vocab_size": source.config.vocab_size,
+                "padded_vocab_size": padded, "dtype": dtype, "source": str(Path(hf_dir).resolve())}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    return {"seconds": time.perf_counter() - start, "read_seconds": read_seconds, "hf_bytes": nbytes}
+
+
+def read_marker(ckpt: str | Path) -> dict:
+    ckpt = Path(ckpt)
+    if not (ckpt / MARKER).is_file():
+        raise CheckpointError(f"{ckpt}: no {MARKER}; not a complete converted checkpoint (was the conversion "
+                              "interrupted?)")
+    return json.loads((ckpt / MARKER).read_text())
+
+
+def megatron_to_hf_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
+                              overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> dict:
+    """Write an HF checkpoint (safetensors shards + index, config, generation config, tokenizer)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from megatron_hbpo.megatron.checkpoint import load_weights
+
+    start = time.perf_counter()
+    ckpt = Path(ckpt)
+    meta = read_marker(ckpt)
+    dtype = dtype or meta["dtype"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    hf_config = AutoConfig.from_pretrained(str(ckpt / "hf"), local_files_only=True)
+    _cpu_world_of_one()
+    gpt, _ = _build(hf_config, meta["dtype"])
+    load_weights(gpt, ckpt / "megatron")
+    nbytes = 0
+
+    def tensors():
+        nonlocal nbytes
+        for name, tensor in gpt.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            for hf_name, hf_tensor in megatron_to_hf(name, tensor, hf_config):
+                hf_tensor = hf_tensor.to(DTYPES[dtype]).contiguous()
+                nbytes += hf_tensor.numel() * hf_tensor.element_size()
+                yield hf_name, hf_tensor
+
+    with atomic_directory(out, overwrite=overwrite, marker="config.json") as tmp:
+        write_safetensors(tmp, tensors(), max_shard_bytes=max_shard_bytes)
+        copy_side_files(ckpt / "hf", tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.update({key: "bfloat16" if dtype == "bf16" else "float32" for key in ("torch_dtype", "dtype")
+                       if key in config} or {"torch_dtype": "bfloat16" if dtype == "bf16" else "float32"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if not (tmp / "generation_config.json").exists():
+            GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
+    return {"seconds": time.perf_counter() - start, "hf_bytes": nbytes}

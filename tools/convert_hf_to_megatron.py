@@ -1,0 +1,45 @@
+"""Convert a Hugging Face Qwen2/Llama checkpoint into a Megatron dist checkpoint for training.
+
+    python tools/convert_hf_to_megatron.py --hf-dir IN --out OUT [--dtype bf16|fp32] [--overwrite]
+
+OUT gets megatron/ (loadable at any TP/PP), hf/ (config and tokenizer files) and
+hbpo_checkpoint.json. Runs on the CPU in one process; peak memory is the model plus one layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+# A CPU tool: never initialise CUDA or take a GPU from a training job on the same node.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    args = parser.parse_args()
+
+    from megatron_hbpo.config import ConfigError
+    from megatron_hbpo.convert.checkpoints import hf_to_megatron_checkpoint
+    from megatron_hbpo.convert.hf_io import CheckpointError
+
+    try:
+        stats = hf_to_megatron_checkpoint(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"wrote {args.out}: {stats['hf_bytes'] / 1e9:.3f} GB of weights in {stats['seconds']:.1f} s "
+          f"({stats['hf_bytes'] / 1e9 / stats['seconds']:.3f} GB/s), peak RSS {peak:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing starts worker processes that re-import __main__
+    sys.exit(main())
