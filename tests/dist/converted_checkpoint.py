@@ -14,11 +14,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_hbpo.config import ClusterConfig, ParallelConfig, Recipe, TrainConfig, validate
 from megatron_hbpo.convert.export import HFExportStream
+from megatron_hbpo.convert.hf_io import HFCheckpoint
 from megatron_hbpo.megatron import parallel
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.megatron.checkpoint import load_weights
@@ -27,6 +27,12 @@ from megatron_hbpo.megatron.train_step import MegatronPolicy
 
 PARALLEL = {"tp": ParallelConfig(tensor_model_parallel_size=2), "pp": ParallelConfig(pipeline_model_parallel_size=2)}
 BUCKET_BYTES = 40_000
+REAL_TEXT = [
+    ("What is the capital of France?", "The capital of France is Paris. It is also its largest city."),
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+     "clips did Natalia sell altogether in April and May?",
+     "In May she sold 48 / 2 = 24 clips, so altogether she sold 48 + 24 = 72 clips. The answer is \\boxed{72}."),
+]
 
 
 def main() -> int:
@@ -34,6 +40,8 @@ def main() -> int:
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--mode", choices=sorted(PARALLEL), required=True)
+    parser.add_argument("--real-text", action="store_true", help="score real chat text instead of random ids")
+    parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args()
 
     hf_config = AutoConfig.from_pretrained(args.hf_dir)
@@ -49,23 +57,38 @@ def main() -> int:
     load_weights(policy.model[0], f"{args.ckpt}/megatron")
     failures = []
 
-    g = torch.Generator().manual_seed(0)
-    sequences = [PolicySequence(torch.randint(0, hf_config.vocab_size, (n,), generator=g).tolist(), p)
-                 for n, p in [(30, 5), (12, 3), (45, 9)]]
+    if args.real_text:  # a chat prompt and an assistant answer through the model's own tokenizer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+        sequences = []
+        for question, answer in REAL_TEXT:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                   add_generation_prompt=True)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            sequences.append(PolicySequence(prompt_ids + answer_ids, len(prompt_ids)))
+    else:
+        g = torch.Generator().manual_seed(0)
+        sequences = [PolicySequence(torch.randint(0, hf_config.vocab_size, (n,), generator=g).tolist(), p)
+                     for n, p in [(30, 5), (12, 3), (45, 9)]]
     logp = policy.logprobs(sequences)
     reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
-    worst = 0.0
+    diffs = []
     with torch.no_grad():
         for seq, got in zip(sequences, logp):
             ids = torch.tensor([seq.tokens])
             logits = reference(ids).logits[0, :-1]
             want = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)[seq.prompt_length - 1:]
-            worst = max(worst, float((got - want).abs().max()))
-    print(f"rank {rank} {args.mode}: max |logp - transformers| {worst:.1e}", flush=True)
-    if worst > 1e-5:
+            diffs.append((got - want).abs())
+    worst, mean = float(torch.cat(diffs).max()), float(torch.cat(diffs).mean())
+    print(f"rank {rank} {args.mode}: max |logp - transformers| {worst:.1e} (mean {mean:.1e} over "
+          f"{sum(len(d) for d in diffs)} response tokens)", flush=True)
+    if worst > args.tolerance:
         failures.append(f"log-probs differ from transformers by {worst:.2e}")
 
-    original = load_file(f"{args.hf_dir}/model.safetensors")
+    source = HFCheckpoint(args.hf_dir)
+    original = {name: source.get(name) for name in source.weight_map}
     stream = HFExportStream(policy.model[0], hf_config, bucket_bytes=BUCKET_BYTES)
     orders = []
     for _ in range(2):
