@@ -16,6 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 	  { echo "megatron-hbpo needs Python >= 3.11 (got $$($(PYTHON) --version)); run: make PYTHON=python3.11 ..."; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec triton
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	@touch $(STAMP)
 

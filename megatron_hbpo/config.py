@@ -135,6 +135,9 @@ class AlgoConfig:
     dual_clip_c: float = 3.0
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # Truncated importance sampling against the rollout engine's log-probs: weight each token by
+    # min(pi_train_old / pi_rollout, tis_cap); null = off (the engines agree to ~1e-6 in fp32).
+    tis_cap: Optional[float] = None
 
 
 @dataclass
@@ -207,6 +210,8 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     progress_bar: bool = True
+    # Tokens whose |logp_rollout - logp_train| exceeds this count toward the mismatch fraction.
+    mismatch_threshold: float = 0.1
 
 
 @dataclass
@@ -531,6 +536,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     _check(a.clip_eps_high >= 0, "algo.clip_eps_high", f"must be >= 0, got {a.clip_eps_high}")
     _check(a.dual_clip_c > 1, "algo.dual_clip_c", f"must be > 1 (it bounds -A*rho from above), got {a.dual_clip_c}")
     _check(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    _check(a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap", f"must be > 0 or null, got {a.tis_cap}")
     _check(all(math.isfinite(x) for x in (a.beta, a.alpha, a.format_error_reward, a.w_intra)), "algo",
            "beta, alpha, format_error_reward and w_intra must be finite numbers")
 

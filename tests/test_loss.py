@@ -133,3 +133,29 @@ def test_kl_estimators_and_penalty():
     k3 = sum(math.exp(-x) - 1 + x for x in r)
     assert with_kl.loss_sum.item() - base.loss_sum.item() == pytest.approx(0.5 * k3)
     assert with_kl.kl_sum.item() == pytest.approx(k3)
+
+
+def test_importance_weights_scale_each_tokens_surrogate():
+    logp_old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    logp_new = (logp_old + torch.tensor([[0.1, -0.1, 0.0]], dtype=torch.float64)).requires_grad_(True)
+    adv = torch.tensor([1.0], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]])
+    weights = torch.tensor([[0.5, 2.0, float("nan")]], dtype=torch.float64)  # NaN off the mask is ignored
+    out = clipped_policy_loss(logp_new, logp_old, adv, mask, importance_weights=weights)
+    want = 0.5 * reference_token(-0.9, -1.0, 1.0)[0] + 2.0 * reference_token(-2.1, -2.0, 1.0)[0]
+    assert out.loss_sum.item() == pytest.approx(want, abs=1e-12)
+    out.loss_sum.backward()
+    assert logp_new.grad[0, 0].item() == pytest.approx(0.5 * reference_token(-0.9, -1.0, 1.0)[1])
+
+
+def test_mismatch_metric_and_truncated_weights():
+    from megatron_hbpo.algo.mismatch import logprob_mismatch, truncated_importance_weights
+
+    rollout = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    train = torch.tensor([-1.0, -2.5, -3.05, -4.0])
+    stats = logprob_mismatch(rollout, train, threshold=0.1)
+    assert stats["mean_abs"] == pytest.approx(0.55 / 4) and stats["max_abs"] == pytest.approx(0.5)
+    assert stats["frac_above"] == 0.25 and stats["tokens"] == 4
+    w = truncated_importance_weights(train, rollout, cap=1.2)
+    assert w.tolist() == pytest.approx([1.0, math.exp(-0.5), math.exp(-0.05), 1.0])
+    assert truncated_importance_weights(torch.tensor([0.0]), torch.tensor([-5.0]), cap=2.0).item() == 2.0

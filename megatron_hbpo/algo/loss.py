@@ -60,6 +60,7 @@ def clipped_policy_loss(
     logp_ref: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    importance_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Per-token clipped surrogate, summed over the response tokens.
 
@@ -69,6 +70,8 @@ def clipped_policy_loss(
         advantages: [...] one per sequence (broadcast over T) or [..., T] per token.
         response_mask: [..., T] bool/0-1, True on response tokens (not prompt, prefix or padding).
         logp_ref: [..., T] reference-model log-probs; with kl_coef > 0 adds kl_coef * KL per token.
+        importance_weights: [..., T] per-token weights of the surrogate (truncated importance
+            sampling against the rollout engine, algo.mismatch), treated as constants.
     """
     if logp_new.shape != logp_old.shape or logp_new.shape != response_mask.shape:
         raise ValueError(
@@ -94,6 +97,8 @@ def clipped_policy_loss(
     dual_bound = -dual_clip_c * advantages
     dual_active = (advantages < 0) & (per_token > dual_bound)
     per_token = torch.where(dual_active, dual_bound, per_token)
+    if importance_weights is not None:
+        per_token = per_token * torch.where(mask, importance_weights.detach(), torch.zeros_like(per_token))
 
     kl_sum = torch.zeros((), dtype=logp_new.dtype, device=logp_new.device)
     if logp_ref is not None:

@@ -23,7 +23,7 @@ class PolicySequence:
     tokens: prompt (incl. the budget prefix) + response ids; prompt_length: how many of them are
     prompt. The model scores position t's next token tokens[t + 1]; response positions are
     prompt_length - 1 .. len - 2. advantage: the sequence's scalar advantage. logp_old /
-    logp_ref: per response token (len - prompt_length values) when known.
+    logp_ref / logp_rollout: per response token (len - prompt_length values) when known.
     """
 
     tokens: list[int]
@@ -31,6 +31,7 @@ class PolicySequence:
     advantage: float = 0.0
     logp_old: torch.Tensor | None = None
     logp_ref: torch.Tensor | None = None
+    logp_rollout: torch.Tensor | None = None  # the rollout engine's, for truncated importance sampling
 
     def __post_init__(self) -> None:
         if not 1 <= self.prompt_length < len(self.tokens):
@@ -85,6 +86,7 @@ class MicroBatch:
     advantages: torch.Tensor  # [b] fp32
     logp_old: torch.Tensor | None  # [b, s] fp32, 0 off the response
     logp_ref: torch.Tensor | None
+    logp_rollout: torch.Tensor | None
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value)
@@ -132,6 +134,7 @@ def collate(sequences: list[PolicySequence], indices: list[int], *, pad_multiple
         advantages=torch.tensor([seq.advantage for seq in chosen], dtype=torch.float32),
         logp_old=_scatter_response(chosen, "logp_old", (b, length)),
         logp_ref=_scatter_response(chosen, "logp_ref", (b, length)),
+        logp_rollout=_scatter_response(chosen, "logp_rollout", (b, length)),
     )
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hbpo.algo.loss import clipped_policy_loss
+from megatron_hbpo.algo.mismatch import truncated_importance_weights
 from megatron_hbpo.config import ConfigError, Recipe
 from megatron_hbpo.megatron.batching import MicroBatch, PolicySequence, collate, gather_response, padding_fraction, \
     plan_microbatches
@@ -194,10 +195,13 @@ class MegatronPolicy:
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logp, entropy = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size,
                                            temperature=temperature, with_entropy=True)
+            weights = None
+            if algo.tis_cap is not None and batch.logp_rollout is not None:
+                weights = truncated_importance_weights(batch.logp_old, batch.logp_rollout, cap=algo.tis_cap)
             out = clipped_policy_loss(
                 logp, batch.logp_old, batch.advantages, batch.response_mask, clip_eps_low=algo.clip_eps_low,
                 clip_eps_high=algo.clip_eps_high, dual_clip_c=algo.dual_clip_c, logp_ref=batch.logp_ref,
-                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, importance_weights=weights,
             )
             if not torch.isfinite(out.loss_sum.detach()):
                 self._bad_micro_batches.append(

@@ -1,0 +1,1 @@
+"""Rollout generation: the engine protocol, the vLLM engine, budgeted requests and refit."""

@@ -1,0 +1,69 @@
+"""The rollout engine protocol: budgeted requests in, sampled responses (with log-probs) out.
+
+The trainer only talks to this protocol, so the algorithm never depends on which engine generates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+WeightStream = Iterable[list[tuple[str, torch.Tensor]]]  # buckets of (HF name, full tensor)
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+
+
+@dataclass
+class Request:
+    """One prompt to sample `n` responses for, all under the same budget (None: no budget prompt).
+
+    prompt_ids already contain the chat template and the budget prefix (algo.budgets.build_prompt):
+    the prefix is prompt, never response.
+    """
+
+    prompt_ids: list[int]
+    n: int
+    budget: int | None
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    group_id: int = 0  # the prompt this request belongs to (for the advantage)
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # generated tokens, including a final eos (the model is trained to stop)
+    logprobs: torch.Tensor  # [len(response_ids)] the engine's log-probs of those tokens
+    finish_reason: str  # "stop" (eos / stop string) or "length" (truncated at max_tokens)
+    budget: int | None
+    group_id: int
+    ended_with_eos: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+    @property
+    def length(self) -> int:
+        """L of the reward (HBPO_SPEC.md s2): generated tokens, eos excluded, budget prefix never counted."""
+        return len(self.response_ids) - int(self.ended_with_eos)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, requests: list[Request]) -> list[Sample]:
+        """Samples grouped by request, in request order (n per request)."""
+
+    def update_weights(self, stream: WeightStream) -> None:
+        """Load new weights (HF names, full tensors); all-or-nothing: a bad stream raises, old weights stay."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory for training (no-op where unsupported)."""
+
+    def wake(self) -> None:
+        """Take the memory back before generating."""

