@@ -15,7 +15,6 @@ import os
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import argparse  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 
 
@@ -28,7 +27,7 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args()
 
-    from megatron_hbpo.convert.checkpoints import megatron_to_hf_checkpoint
+    from megatron_hbpo.convert.checkpoints import megatron_to_hf_checkpoint, summary_line
     from megatron_hbpo.convert.hf_io import CheckpointError
 
     try:
@@ -37,9 +36,7 @@ def main() -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"wrote {args.out}: {stats['hf_bytes'] / 1e9:.3f} GB of weights in {stats['seconds']:.1f} s "
-          f"({stats['hf_bytes'] / 1e9 / stats['seconds']:.3f} GB/s), peak RSS {peak:.2f} GiB")
+    print(summary_line(args.out, stats))
     return 0
 
 

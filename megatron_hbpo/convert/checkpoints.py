@@ -129,3 +129,13 @@ def megatron_to_hf_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str |
         if not (tmp / "generation_config.json").exists():
             GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
     return {"seconds": time.perf_counter() - start, "hf_bytes": nbytes}
+
+
+def summary_line(out: str | Path, stats: dict) -> str:
+    """What a conversion tool prints when it is done: size, time, throughput and peak memory."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    gigabytes = stats["hf_bytes"] / 1e9
+    return (f"wrote {out}: {gigabytes:.3f} GB of weights in {stats['seconds']:.1f} s "
+            f"({gigabytes / stats['seconds']:.3f} GB/s), peak RSS {peak:.2f} GiB")

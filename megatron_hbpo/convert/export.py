@@ -17,15 +17,9 @@ import torch.distributed as dist
 
 from megatron_hbpo.convert.mapping import megatron_to_hf
 from megatron_hbpo.megatron.sharding import gather_full
-from megatron_hbpo.megatron.state import global_name
+from megatron_hbpo.megatron.state import global_name, unwrap
 
 Bucket = list[tuple[str, torch.Tensor]]
-
-
-def _gpt(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _full_shape(param: torch.nn.Parameter, tp_world: int) -> list[int]:
@@ -46,7 +40,7 @@ class HFExportStream:
 
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-        self.gpt = _gpt(model)
+        self.gpt = unwrap(model)
         self.hf_config = hf_config
         self.bucket_bytes = bucket_bytes
         self.peak_bytes = 0

@@ -15,11 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
-def _gpt(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from megatron_hbpo.megatron.state import unwrap
 
 
 def save_weights(model: torch.nn.Module, directory: str | Path) -> None:
@@ -34,7 +30,7 @@ def save_weights(model: torch.nn.Module, directory: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_gpt(model).sharded_state_dict(), str(tmp))
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         os.rename(tmp, directory)
@@ -48,7 +44,7 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory}: not a complete Megatron dist checkpoint (no metadata.json)")
-    gpt = _gpt(model)
+    gpt = unwrap(model)
     state = dist_checkpointing.load(gpt.sharded_state_dict(), str(directory))
     result = gpt.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

@@ -19,7 +19,8 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _gpt(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside Megatron's DDP / Float16Module wrappers."""
     while hasattr(module, "module"):
         module = module.module
     return module
@@ -54,7 +55,7 @@ def load_full_state(model: torch.nn.Module, get_full: Callable[[str], torch.Tens
     """Copy full tensors (by global GPTModel name) into this rank's shards of `model`."""
     from megatron.core import parallel_state
 
-    gpt = _gpt(model)
+    gpt = unwrap(model)
     rank = parallel_state.get_tensor_model_parallel_rank()
     world = parallel_state.get_tensor_model_parallel_world_size()
     for local_name, param in gpt.named_parameters():
@@ -76,7 +77,7 @@ def iter_full_tensors(model: torch.nn.Module, *, grads: bool = False) -> Iterato
     `main_grad` (the sum scaled by 1 / global token count after finalize). A tensor that is not
     TP-sharded is yielded as a view of the parameter: clone it to keep it past an optimizer step.
     """
-    gpt = _gpt(model)
+    gpt = unwrap(model)
     for local_name, param in gpt.named_parameters():
         tensor = param.detach()
         if grads:

@@ -32,7 +32,11 @@ from megatron_hbpo.megatron.batching import MicroBatch, PolicySequence, collate,
     plan_microbatches
 from megatron_hbpo.megatron.logprobs import token_logprobs
 from megatron_hbpo.megatron.model import build_gpt_model
-from megatron_hbpo.megatron.state import load_full_state
+from megatron_hbpo.megatron.state import load_full_state, unwrap
+
+
+def _device() -> torch.device | str:
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,12 +56,6 @@ class StepMetrics:
     padding_fraction: float  # this rank's padded share of computed token slots
     micro_batches: int
     seconds: float
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 class MegatronPolicy:
@@ -123,8 +121,7 @@ class MegatronPolicy:
     def _micro_batches(self, sequences: list[PolicySequence]) -> tuple[list[MicroBatch], float]:
         lengths = [len(seq.tokens) for seq in sequences]
         plan = plan_microbatches(lengths, self.recipe.train.micro_batch_tokens)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        batches = [collate(sequences, indices, pad_token_id=self.pad_token_id).to(device) for indices in plan]
+        batches = [collate(sequences, indices, pad_token_id=self.pad_token_id).to(_device()) for indices in plan]
         return batches, padding_fraction(lengths, plan)
 
     def _run(self, batches: list[MicroBatch], loss_func, *, forward_only: bool) -> list[dict]:
@@ -172,8 +169,7 @@ class MegatronPolicy:
             return results
         sizes = [seq.response_length for seq in sequences]
         flat = torch.cat(results) if self.is_last_stage else torch.empty(sum(sizes))
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        flat = flat.to(device)
+        flat = flat.to(_device())
         dist.broadcast(flat, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         return list(flat.cpu().split(sizes))
@@ -223,8 +219,7 @@ class MegatronPolicy:
         """Sum over the DP ranks of the last pipeline stage, visible on every rank."""
         from megatron.core import parallel_state
 
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        total = local.to(device=device, dtype=torch.float64)
+        total = local.to(device=_device(), dtype=torch.float64)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         if self.pipeline_parallel:  # only the last stage holds loss statistics; the others add 0
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
@@ -235,14 +230,13 @@ class MegatronPolicy:
         from megatron.core.distributed import finalize_model_grads
 
         bad = list(self._bad_micro_batches)
-        for name, param in _unwrap(model[0]).named_parameters():
+        for name, param in unwrap(model[0]).named_parameters():
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
             if grad is not None and not bool(torch.isfinite(grad).all()):
                 bad.append(f"gradient of {name}")
-        flag = torch.tensor([float(len(bad))], device=torch.cuda.current_device() if torch.cuda.is_available()
-                            else "cpu")
+        flag = torch.tensor([float(len(bad))], device=_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             rank = dist.get_rank()
