@@ -81,6 +81,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Activation recomputation: null (store everything), "selective" (attention core) or "full"
+    # (every layer recomputed from its input in the backward pass).
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
 
 
 @dataclass
@@ -89,6 +92,8 @@ class ClusterConfig:
 
     nodes: int = 1
     gpus_per_node: int = 1
+    # The accelerator the plan (python -m megatron_hbpo.plan) checks the recipe against.
+    gpu: Literal["cpu", "H100-80GB", "H200-141GB"] = "H100-80GB"
 
     @property
     def world_size(self) -> int:

@@ -144,3 +144,13 @@ def test_cli_prints_resolved_recipe_or_one_line_error():
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "rollout.n_rollouts" in bad.stderr
+
+
+@pytest.mark.parametrize("override, field_name", [
+    ("parallel.tensor_model_parallel_size=3", "parallel.tensor_model_parallel_size"),
+    ("cluster.nodes=3", "parallel"),
+    ("algo.budgets=[512,1024,2048,4096]", "algo.budgets"),
+])
+def test_broken_cluster_recipe_names_the_field(override, field_name):
+    with pytest.raises(ConfigError, match=rf"{field_name}:"):
+        load_recipe(REPO / "recipes" / "r1_distill_llama_70b.yaml", [override])

@@ -180,6 +180,9 @@ def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelCon
         use_cpu_initialization=not torch.cuda.is_available(),
         # Random init costs minutes at 70B; skip it when every weight is about to be loaded.
         perform_initialization=initialize,
+        recompute_granularity=parallel.recompute_granularity,
+        **({"recompute_method": "uniform", "recompute_num_layers": 1}
+           if parallel.recompute_granularity == "full" else {}),
         gradient_accumulation_fusion=use_te,
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
