@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LAUNCH_VENV := .venv-launch
+LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
 
-.PHONY: setup run test test-tools real-model-deps real-model-test clean-venv
+.PHONY: setup run test test-tools launch-env real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -23,8 +25,17 @@ $(STAMP): requirements.txt pyproject.toml
 run: setup
 	$(PY) -m megatron_hbpo.explain --config recipes/tiny_cpu.yaml
 
-test: setup test-tools
+test: setup launch-env test-tools
 	$(PY) -m pytest
+
+# NeMo-Run in its own small environment (see requirements-launch.txt).
+launch-env: $(LAUNCH_STAMP)
+
+$(LAUNCH_STAMP): requirements-launch.txt pyproject.toml
+	@test -x $(LAUNCH_VENV)/bin/python || $(PYTHON) -m venv $(LAUNCH_VENV)
+	$(LAUNCH_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-launch.txt
+	$(LAUNCH_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+	@touch $(LAUNCH_STAMP)
 
 # Debian's shellcheck for tests/test_slurm.py: installed when missing and we may (root + apt-get);
 # otherwise that one test is skipped and says why.
