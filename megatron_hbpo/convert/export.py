@@ -16,17 +16,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_hbpo.convert.mapping import megatron_to_hf
-from megatron_hbpo.megatron.sharding import gather_full
+from megatron_hbpo.megatron.sharding import full_shape, gather_full
 from megatron_hbpo.megatron.state import global_name, unwrap
 
 Bucket = list[tuple[str, torch.Tensor]]
-
-
-def _full_shape(param: torch.nn.Parameter, tp_world: int) -> list[int]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp_world
-    return shape
 
 
 class HFExportStream:
@@ -49,7 +42,7 @@ class HFExportStream:
         self._pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         tp_world = parallel_state.get_tensor_model_parallel_world_size()
         self._params = dict(self.gpt.named_parameters())
-        local = [(global_name(name, self.gpt), name, _full_shape(p, tp_world), p.dtype)
+        local = [(global_name(name, self.gpt), name, full_shape(p, tp_world), p.dtype)
                  for name, p in self._params.items()]
         # Which stage owns what, with shapes, so that receivers can allocate: exchanged once.
         stages: list = [None] * len(self._pp_ranks)

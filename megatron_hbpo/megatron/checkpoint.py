@@ -24,9 +24,9 @@ def save_weights(model: torch.nn.Module, directory: str | Path) -> None:
 
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.tmp"
+    if directory.exists():  # every rank checks, so that all raise together instead of hanging in a barrier
+        raise FileExistsError(f"{directory} exists; refusing to overwrite a checkpoint")
     if dist.get_rank() == 0:
-        if directory.exists():
-            raise FileExistsError(f"{directory} exists; refusing to overwrite a checkpoint")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()

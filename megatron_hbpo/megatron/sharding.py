@@ -15,6 +15,14 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def full_shape(param: torch.Tensor, world: int) -> list[int]:
+    """Shape of the full tensor whose TP shard (of `world` ranks) `param` is."""
+    shape = list(param.shape)
+    if is_tensor_parallel(param):
+        shape[param.partition_dim] *= world
+    return shape
+
+
 def shard_of(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's slice of `full` for a parameter laid out like `param`."""
     if not is_tensor_parallel(param) or world == 1:

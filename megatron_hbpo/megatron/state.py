@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_hbpo.megatron.sharding import gather_full, shard_of
+from megatron_hbpo.megatron.sharding import full_shape, gather_full, shard_of
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -62,7 +62,7 @@ def load_full_state(model: torch.nn.Module, get_full: Callable[[str], torch.Tens
         name = global_name(local_name, gpt)
         full = get_full(name)
         if local_name in _VOCAB_PARAMS:
-            full = _fit_rows(full, param.shape[0] * (world if getattr(param, "tensor_model_parallel", False) else 1))
+            full = _fit_rows(full, full_shape(param, world)[0])
         shard = shard_of(full, param, rank, world)
         if shard.shape != param.shape:
             raise ValueError(f"{name}: full tensor {tuple(full.shape)} gives a shard of {tuple(shard.shape)} on TP rank "
