@@ -142,6 +142,21 @@ def test_a_worker_killed_before_it_is_ready_is_replaced():
         assert v.worker_pids() != [pid]
 
 
+def test_workers_ignore_sigterm_and_an_idle_worker_killed_from_outside_is_replaced():
+    # SIGTERM to the whole process group (SLURM preemption) is the trainer's to handle: it still
+    # needs its verifier to finish the step it saves.
+    with AnswerVerifier(num_workers=1, timeout_s=5.0) as v:
+        assert v.check(["\\sqrt{4}"], ["2"]) == [(True, OK)]
+        [pid] = v.worker_pids()
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert v.check(["\\sqrt{9}"], ["3"]) == [(True, OK)] and v.worker_pids() == [pid]
+        os.kill(pid, signal.SIGKILL)  # dies while idle: the next batch must not hit a broken pipe
+        time.sleep(0.3)
+        assert v.check(["\\sqrt{16}", "1/2"], ["4", "\\frac{1}{2}"]) == [(True, OK), (True, OK)]
+        assert v.worker_pids() != [pid] and v.stats["respawns"] == 1
+
+
 def test_closed_verifier_and_bad_arguments():
     v = AnswerVerifier(num_workers=1, timeout_s=1.0)
     with pytest.raises(ValueError, match="gold"):

@@ -154,7 +154,10 @@ def _worker_main(read_fd: int, write_fd: int, soft_timeout_s: float) -> None:
     One message per item lets the parent know which item is running (the first unanswered one)
     and lose nothing when it has to kill the worker.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C and SIGTERM (SLURM preemption, `kill` of the process group) are the parent's to handle:
+    # the trainer finishes its step and saves on SIGTERM, and needs its verifier meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _raise_soft_timeout)
     import math_verify  # noqa: F401  (imported before "ready" so that start-up never eats a deadline)
 
@@ -354,7 +357,14 @@ class AnswerVerifier:
             size = max(1, min(self.max_chunk, len(pending) // (2 * len(self._workers))))
             worker.inflight = deque(pending.popleft() for _ in range(min(size, len(pending))))
             worker.item_started = time.monotonic()
-            worker.inbox.send([(gold, answer) for _, gold, answer in worker.inflight])
+            try:
+                worker.inbox.send([(gold, answer) for _, gold, answer in worker.inflight])
+            except OSError:  # the worker died while idle (killed from outside): nothing of it ran
+                pending.extendleft(reversed(worker.inflight))
+                worker.inflight = deque()
+                self._stop_worker(worker)
+                self.stats["respawns"] += 1
+                self._workers[self._workers.index(worker)] = self._start_worker()
 
     def _time_to_next_deadline(self) -> float:
         deadlines = [w.item_started + self.timeout_s for w in self._workers if w.inflight]
