@@ -232,6 +232,7 @@ class Trainer:
 
         stream = HFExportStream(self.policy.model[0], self.hf_config, bucket_bytes=REFIT_BUCKET_BYTES)
         if self.is_generator:
+            self.engine.wake()  # vLLM loads weights into awake memory; the next generate finds it awake
             self.engine.update_weights(stream)
         else:
             for _ in stream:
