@@ -215,15 +215,16 @@ class WarmupConfig:
 
     steps: int = 0  # 0: no warm-up (a pretrained hf_path is the base)
     sequences_per_step: int = 64
-    lr: float = 1.0e-3
-    min_lr: float = 1.0e-4
+    # Defaults: the settings measured in README.md (recipes/tiny_cpu.yaml).
+    lr: float = 2.0e-3
+    min_lr: float = 2.0e-4
     # Weight decay helps a small model past its plateau on the arithmetic (grokking-style).
     weight_decay: float = 0.1
     # Shares of the response styles (data/synthetic.py: concise, steps, checked, verbose).
-    style_mix: dict = field(default_factory=lambda: {"verbose": 0.7, "checked": 0.1, "steps": 0.1,
+    style_mix: dict = field(default_factory=lambda: {"verbose": 0.8, "checked": 0.05, "steps": 0.05,
                                                      "concise": 0.1})
     # Chance that an addition's first result is wrong (caught by the checks in checked/verbose).
-    error_rate: float = 0.15
+    error_rate: float = 0.1
     # Share of warm-up prompts that carry a random budget prefix (so the base has seen the sentence),
     # drawn from prompt_budgets (empty: algo.budgets). A GRPO baseline names HBPO's budgets here so
     # that both start from the same base.
