@@ -78,10 +78,7 @@ def aggregate(records: Sequence[EvalRecord]) -> dict[str, dict[str, dict[str, fl
         groups[(r.mode, ALL)].append(r)
     table: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
 
-    def level_key(level: str) -> tuple:
-        return (level == ALL, int(level) if level.isdigit() else 0, level)
-
-    for (mode, level) in sorted(groups, key=lambda k: (k[0] != "natural", k[0].zfill(8), level_key(k[1]))):
+    for (mode, level) in sorted(groups, key=lambda k: (k[0] != "natural", k[0].zfill(8), level_sort_key(k[1]))):
         rs = groups[(mode, level)]
         table[mode][level] = {"accuracy": sum(r.correct for r in rs) / len(rs),
                               "mean_tokens": sum(r.tokens for r in rs) / len(rs),
@@ -335,8 +332,11 @@ def summarize(records: Sequence[ScoredResponse]) -> dict[str, Any]:
     }
 
 
-def _level_key(level: str) -> tuple:
-    return (0, int(level), level) if level.lstrip("-").isdigit() else (1, 0, level)
+def level_sort_key(level: Any) -> tuple:
+    """Numeric levels (and budgets) in numeric order, then named ones, then "all"."""
+    text = str(level)
+    numeric = text.lstrip("-").isdigit()
+    return (text == ALL, not numeric, int(text) if numeric else 0, text)
 
 
 def benchmark_metrics(records: Sequence[ScoredResponse]) -> dict[str, Any]:
@@ -347,7 +347,7 @@ def benchmark_metrics(records: Sequence[ScoredResponse]) -> dict[str, Any]:
         if r.level is not None:
             by_level[str(r.level)].append(r)
     return {"all": summarize(records),
-            "levels": {lv: summarize(by_level[lv]) for lv in sorted(by_level, key=_level_key)}}
+            "levels": {lv: summarize(by_level[lv]) for lv in sorted(by_level, key=level_sort_key)}}
 
 
 def collect_results(records: Sequence[ScoredResponse]) -> dict[str, dict[str, dict[str, Any]]]:

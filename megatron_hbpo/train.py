@@ -110,10 +110,10 @@ def evaluate_policy(recipe: Any, trainer: Any, problems: list, label: str) -> di
     import torch.distributed as dist
 
     from megatron_hbpo.evaluate import aggregate, format_table, generate_and_score, sample_rows
-    from megatron_hbpo.trainer import budgets_of, seed_everything
+    from megatron_hbpo.trainer import seed_everything
 
     start = time.perf_counter()
-    modes = [None] + [b for b in budgets_of(recipe) if b is not None]
+    modes = [None, *recipe.algo.budgets]  # validated: distinct, increasing; empty for GRPO
     mine = problems[trainer.dp_rank::trainer.dp_size]
     records = []
     if trainer.is_generator:

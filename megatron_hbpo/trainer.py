@@ -33,16 +33,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_hbpo.algo.advantage import group_normalized_advantage, hierarchical_advantage
-from megatron_hbpo.algo.budgets import assign_budgets
 from megatron_hbpo.algo.mismatch import logprob_mismatch
 from megatron_hbpo.algo.reward import binary_reward, hbpo_reward
 from megatron_hbpo.config import Recipe
 from megatron_hbpo.data.source import PromptSource, TaskPrompt
+from megatron_hbpo.evaluate import level_sort_key
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.rollout.engine import Sample, SamplingSettings
 from megatron_hbpo.rollout.requests import budgeted_requests
 
-TIME_KEYS = ("rollout", "reward", "logp_old", "train", "refit", "checkpoint", "step")
 REFIT_BUCKET_BYTES = 256 << 20
 
 
@@ -264,7 +263,7 @@ class Trainer:
             for r in rows:
                 if r[key] is not None:
                     by[r[key]].append(r)
-            for value in sorted(by, key=lambda v: (str(v).isdigit() is False, int(v) if str(v).isdigit() else 0)):
+            for value in sorted(by, key=level_sort_key):
                 metrics.update({f"{name}_{value}/{k}": v for k, v in summary(by[value]).items()})
         adv = torch.tensor([r["advantage"] for r in rows], dtype=torch.float64)
         metrics.update({"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()) if len(adv) > 1 else 0.0,
@@ -398,7 +397,3 @@ class Trainer:
 def deterministic_metrics(metrics: dict) -> dict:
     """The metrics that a resumed run must reproduce exactly (everything but timings)."""
     return {k: v for k, v in metrics.items() if not k.startswith("time/")}
-
-
-def budgets_of(recipe: Recipe) -> list[int | None]:
-    return list(dict.fromkeys(assign_budgets(recipe.rollout.n_rollouts, recipe.algo.budgets)))

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_hbpo.algo.budgets import build_prompt
 from megatron_hbpo.config import Recipe
 from megatron_hbpo.data.synthetic import TASK_VERSION, make_problem, response_text, style_mix_sample
+from megatron_hbpo.evaluate import write_json_atomic
 from megatron_hbpo.megatron.batching import PolicySequence
 
 FINGERPRINT_FILE = "warmup.json"
@@ -112,10 +113,8 @@ def run_warmup(recipe: Recipe, hf_config: Any, tokenizer: Any, *,
     out.mkdir(parents=True, exist_ok=True)
     save_weights(policy.model[0], weights)
     if dist.get_rank() == 0:
-        tmp = out / f".{FINGERPRINT_FILE}.tmp"
-        tmp.write_text(json.dumps({"fingerprint": expected, "steps": w.steps, "final_loss": loss,
-                                   "seconds": time.perf_counter() - start}, indent=2) + "\n")
-        tmp.replace(out / FINGERPRINT_FILE)
+        write_json_atomic(out / FINGERPRINT_FILE, {"fingerprint": expected, "steps": w.steps, "final_loss": loss,
+                                                   "seconds": time.perf_counter() - start})
     dist.barrier()
     del policy
     return weights

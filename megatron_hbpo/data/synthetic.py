@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 Style = Literal["concise", "steps", "checked", "verbose"]
 STYLES: tuple[Style, ...] = ("concise", "steps", "checked", "verbose")
@@ -66,11 +65,6 @@ def make_problem(rng: random.Random, level: int) -> Problem:
     return Problem(tuple(rng.randrange(10) for _ in range(level + 1)), level)
 
 
-def make_problems(rng: random.Random, count: int, levels: Sequence[int]) -> list[Problem]:
-    """`count` problems, levels drawn uniformly from `levels`."""
-    return [make_problem(rng, rng.choice(list(levels))) for _ in range(count)]
-
-
 def _step_line(total: int, tag: str, operand: int, result: int) -> str:
     return f"{total}+{tag}{operand}={result};"
 
@@ -93,7 +87,7 @@ def response_text(problem: Problem, style: Style, *, rng: random.Random | None =
         raise ValueError(f"unknown response style {style!r}; expected one of {STYLES}")
     if error_rate and rng is None:
         raise ValueError("error_rate needs an rng")
-    total, lines, right_lines = problem.operands[0], [], []
+    total, lines, right_lines, caught = problem.operands[0], [], [], 0
     for tag, operand in zip(TAGS[1:], problem.operands[1:]):
         right = (total + operand) % 10
         result = _wrong_digit(rng, right) if error_rate and rng.random() < error_rate else right
@@ -104,6 +98,7 @@ def response_text(problem: Problem, style: Style, *, rng: random.Random | None =
             continue
         if result != right:
             line += " no" + _step_line(total, tag, operand, right)
+            caught += 1
         lines.append(line + " ok")
         right_lines.append(_step_line(total, tag, operand, right))
         total = right
@@ -111,7 +106,7 @@ def response_text(problem: Problem, style: Style, *, rng: random.Random | None =
     if style == "verbose":
         # Over-thinking: re-check the additions in turn until the chain is VERBOSE_TOKENS long,
         # ending on the last one, so the answer follows the line that computed it.
-        tokens = len(lines) * (STEP_TOKENS + 1) + (STEP_TOKENS + 1) * sum(" no" in line for line in lines)
+        tokens = (len(lines) + caught) * (STEP_TOKENS + 1)  # each line and each correction + its verdict
         checks = max(0, -(-(VERBOSE_TOKENS - tokens) // (STEP_TOKENS + 1)))
         n = len(right_lines)
         body += "".join(" check" + right_lines[(n - checks + i) % n] for i in range(checks))
@@ -137,12 +132,6 @@ def task_tokenizer() -> Any:
     hf.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]})
     hf.chat_template = CHAT_TEMPLATE
     return hf
-
-
-def save_task_tokenizer(directory: str | Path) -> Path:
-    directory = Path(directory)
-    task_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def style_mix_sample(rng: random.Random, mix: dict[str, float]) -> Style:
