@@ -101,6 +101,23 @@ class ClusterConfig:
 
 
 @dataclass
+class RefitCheckConfig:
+    """Stop the run when a refit leaves the rollout engine off the trained weights (algo/mismatch.py).
+
+    From step 2 on (and on the first step after a resume) the step's mean |logp_rollout - logp_train|
+    over the sampled tokens must stay below max(factor x its step-1 value, the dtype's ceiling).
+    Ceilings: fp32 engines agree to 2e-7-2e-6 and bf16 to 1e-3-4e-2 on the same weights (measured on
+    tiny models, the larger value on deliberately peaked ones), while a stale output layer gives log-prob
+    errors near 2; each ceiling sits well above the first and well below the last.
+    """
+
+    enabled: bool = True
+    factor: float = 10.0
+    ceiling_fp32: float = 1e-3
+    ceiling_bf16: float = 0.1
+
+
+@dataclass
 class RolloutConfig:
     """Rollout generation (vLLM)."""
 
@@ -115,6 +132,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = False
+    refit_check: RefitCheckConfig = field(default_factory=RefitCheckConfig)
 
 
 @dataclass
@@ -565,6 +583,10 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
            f"{r.tensor_parallel_size} does not divide model.num_attention_heads={m.num_attention_heads}")
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}")
+    rc = r.refit_check
+    _check(rc.factor >= 1, "rollout.refit_check.factor", f"must be >= 1, got {rc.factor}")
+    _check(rc.ceiling_fp32 > 0 and rc.ceiling_bf16 > 0, "rollout.refit_check",
+           f"ceilings must be > 0, got ceiling_fp32={rc.ceiling_fp32}, ceiling_bf16={rc.ceiling_bf16}")
 
     if a.name == "grpo":
         _check(not a.budgets, "algo.budgets",

@@ -10,7 +10,8 @@ Under torchrun (or srun) for several processes; plain `python` is a world of one
 5. evaluation of the base per level and prompt mode (eval.before_after), HBPO/GRPO steps, and the
    evaluation after; `runs/<name>/summary.json` and `summary.png`.
 
-Exit codes: 0 done, 2 bad recipe or data, 143 stopped by SIGTERM after saving a checkpoint.
+Exit codes: 0 done, 1 the refit check stopped the run (one line says why), 2 bad recipe or data, 143
+stopped by SIGTERM after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def _log_rank0(message: str) -> None:
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
+
+
+def _log_rank0_err(message: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def load_tokenizer_and_config(recipe: Any) -> tuple[Any, Any]:
@@ -173,12 +181,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(recipe: Any, wall_start: float) -> int:
     from megatron_hbpo.data.prompts import DataError
+    from megatron_hbpo.trainer import RefitMismatchError
 
     try:
         return _run(recipe, wall_start)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except RefitMismatchError as e:
+        _log_rank0_err(str(e))
+        return 1
 
 
 def _run(recipe: Any, wall_start: float) -> int:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hbpo.algo.advantage import group_normalized_advantage, hierarchical_advantage
-from megatron_hbpo.algo.mismatch import logprob_mismatch
+from megatron_hbpo.algo.mismatch import logprob_mismatch, refit_mismatch_problem
 from megatron_hbpo.algo.reward import binary_reward, hbpo_reward
 from megatron_hbpo.config import Recipe
 from megatron_hbpo.data.source import PromptSource, TaskPrompt
@@ -75,6 +75,10 @@ def holds_rollout_engine() -> bool:
 
     group = parallel_state.get_model_parallel_group()
     return dist.get_rank() == dist.get_process_group_ranks(group)[0]
+
+
+class RefitMismatchError(RuntimeError):
+    """The rollout engine's log-probs left the trainer's after a refit (raised on every rank together)."""
 
 
 class PreemptionFlag:
@@ -122,6 +126,8 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
         self.start_step = 1
+        self.refits = 0  # refits done by this process; the step-1 mismatch is measured before the first
+        self.mismatch_baseline: float | None = None
 
     # -- rollouts ----------------------------------------------------------------------------------
 
@@ -204,6 +210,7 @@ class Trainer:
         logp_old = self.policy.logprobs(sequences)
         for seq, logp in zip(sequences, logp_old):
             seq.logp_old = logp
+        self._check_refit(step, records, logp_old)
         t3 = time.perf_counter()
         train_metrics = []
         for mini in self._mini_batches(records, sequences):
@@ -216,6 +223,29 @@ class Trainer:
         times = {"rollout": gen_s, "reward": verify_s + (t2 - t1), "logp_old": t3 - t2, "train": t4 - t3,
                  "refit": t5 - t4, "step": t5 - t0}
         return self._step_metrics(step, records, rewards, advantages, train_metrics, mismatch, times)
+
+    def _check_refit(self, step: int, records: list[RolloutRecord], logp_old: list[torch.Tensor]) -> None:
+        """Record the step-1 mismatch before any refit; after a refit, stop (on every rank at once) if the
+        mismatch jumped: the engine then generates with other weights than the policy's."""
+        from megatron.core import parallel_state
+
+        diff = (torch.cat([x.logprobs for x in records]).double() - torch.cat(logp_old).double()).abs()
+        # The model-parallel ranks of a DP rank hold the same records: reduce over DP only.
+        totals = torch.tensor([float(diff.sum()), float(diff.numel())], dtype=torch.float64)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        mean_abs = float(totals[0] / max(float(totals[1]), 1.0))
+        if self.refits == 0:
+            if step == 1:
+                self.mismatch_baseline = mean_abs
+            return
+        check = self.recipe.rollout.refit_check
+        if not check.enabled:
+            return
+        ceiling = check.ceiling_fp32 if self.recipe.model.params_dtype == "fp32" else check.ceiling_bf16
+        problem = refit_mismatch_problem(mean_abs, step=step, baseline=self.mismatch_baseline, ceiling=ceiling,
+                                         factor=check.factor)
+        if problem:
+            raise RefitMismatchError(problem)
 
     def _mini_batches(self, records: list[RolloutRecord], sequences: list[PolicySequence]):
         """Consecutive groups of train.mini_batch_prompts / DP prompts (all rollouts of a prompt stay together)."""
@@ -236,6 +266,7 @@ class Trainer:
         else:
             for _ in stream:
                 pass
+        self.refits += 1
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -328,6 +359,7 @@ class Trainer:
             return
         state = load_training_state(self.policy, path)
         self.start_step = int(state["step"]) + 1
+        self.mismatch_baseline = state.get("mismatch_baseline")
         self.log(f"resumed from {path} (step {state['step']}); continuing at step {self.start_step}")
 
     def save(self, step: int) -> None:
@@ -339,7 +371,8 @@ class Trainer:
             return
         save_training_state(self.policy, target, {"step": step, "recipe": self.recipe.name,
                                                   "data_cursor": step * self.recipe.train.prompts_per_step,
-                                                  "seed": self.recipe.train.seed})
+                                                  "seed": self.recipe.train.seed,
+                                                  "mismatch_baseline": self.mismatch_baseline})
         if self.rank0:
             prune_checkpoints(ck.dir, ck.keep_last)
         dist.barrier()

@@ -37,3 +37,46 @@ def test_smollm2_converted_matches_transformers_on_real_text(tmp_path):
                         "--mode", "pp", "--real-text", "--tolerance", "5e-5", nproc=2, timeout=600)
     print(proc.stdout)
     assert proc.stdout.count("max |logp - transformers|") == 2
+
+
+def perturbed_copy(source_dir, out_dir, *, scale: float = 0.05, seed: int = 0):
+    """B = A plus seeded noise of `scale` x each tensor's std: a checkpoint the refit must reach exactly."""
+    import torch
+
+    from megatron_hbpo.convert.hf_io import HFCheckpoint, copy_side_files, write_safetensors
+
+    source = HFCheckpoint(source_dir)
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensors():
+        for name in source.weight_map:
+            t = source.get(name)
+            noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+            yield name, (t.float() + scale * t.float().std() * noise).to(t.dtype)
+
+    out_dir.mkdir(parents=True)
+    write_safetensors(out_dir, tensors())
+    copy_side_files(source_dir, out_dir)
+    return out_dir
+
+
+def test_smollm2_refit_equals_fresh_engine(tmp_path):
+    """SmolLM2 has tied embeddings: refit A -> B must equal a fresh engine on B (greedy ids, log-probs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hf = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "smollm2_to_hf.py"), "--out", str(hf)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = perturbed_copy(hf, tmp_path / "perturbed")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "rollout" / "refit_parity_check.py"), "--work",
+                           str(tmp_path), "--pair", "smollm2", str(hf), str(b)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [row] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(row)
+    assert row["changed_by_refit"] and row["same_ids"] and row["max_logp_diff"] < 1e-4, row

