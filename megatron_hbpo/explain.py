@@ -12,15 +12,16 @@ check that the knobs mean what they think before spending GPU hours.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
-from megatron_hbpo.algo.advantage import group_normalized_advantage, hierarchical_advantage
 from megatron_hbpo.algo.budgets import assign_budgets, budget_sentence
-from megatron_hbpo.algo.loss import clipped_policy_loss
-from megatron_hbpo.algo.reward import binary_reward, budget_baseline, hbpo_reward
+from megatron_hbpo.algo.methods import ScoredRollouts, method_for
+from megatron_hbpo.algo.reward import budget_baseline, hbpo_reward
 from megatron_hbpo.algo.verify import AnswerVerifier
 from megatron_hbpo.config import ConfigError, Recipe, load_recipe
 
@@ -89,22 +90,17 @@ def _worked_group(recipe: Recipe) -> None:
 
     with AnswerVerifier(recipe.verifier.num_workers, recipe.verifier.timeout_s) as verifier:
         verdicts = verifier.score(responses, [gold] * len(responses), think_close=a.think_close)
-    correct = torch.tensor([v.correct for v in verdicts])
-    format_ok = torch.tensor([v.format_ok for v in verdicts])
-    length_t = torch.tensor(lengths, dtype=torch.float64)
-    group = torch.zeros(len(budgets), dtype=torch.long)
-    if a.name == "grpo":
-        reward = binary_reward(correct, format_ok, format_error_reward=a.format_error_reward, dtype=torch.float64)
-        adv = group_normalized_advantage(reward, group, eps=a.adv_eps)
-        centered = adv
-        budget_t = torch.zeros(len(budgets))
-    else:
-        budget_t = torch.tensor(budgets, dtype=torch.float64)
-        reward = hbpo_reward(length_t, budget_t, correct, format_ok, l_max=l_max, alpha=a.alpha, beta=a.beta,
-                             format_error_reward=a.format_error_reward)
-        kwargs = dict(l_max=l_max, beta=a.beta, w_intra=a.w_intra, eps=a.adv_eps)
-        adv = hierarchical_advantage(reward, budget_t, group, center_intra=a.center_intra, **kwargs)
-        centered = hierarchical_advantage(reward, budget_t, group, center_intra=not a.center_intra, **kwargs)
+    budget_t = torch.tensor([float("nan") if b is None else b for b in budgets], dtype=torch.float64)
+    rollouts = ScoredRollouts(lengths=torch.tensor(lengths, dtype=torch.float64),
+                              correct=torch.tensor([v.correct for v in verdicts]),
+                              format_ok=torch.tensor([v.format_ok for v in verdicts]),
+                              group_ids=torch.zeros(len(budgets), dtype=torch.long), budgets=budget_t)
+    method = method_for(a, l_max=l_max, temperature=r.temperature)
+    reward, adv = method.rewards_and_advantages(rollouts)
+    # The other setting of center_intra beside it, for HBPO (GRPO has none).
+    other_algo = dataclasses.replace(a, center_intra=not a.center_intra)
+    _, centered = method_for(other_algo, l_max=l_max, temperature=r.temperature).rewards_and_advantages(rollouts)
+    length_t = rollouts.lengths
 
     print(f"\nillustrative group for one prompt (gold {gold}), through the verifier, reward and advantage")
     other = "center_intra=" + str(not a.center_intra).lower()
@@ -118,12 +114,13 @@ def _worked_group(recipe: Recipe) -> None:
     tokens = int(max(lengths))
     mask = torch.arange(tokens)[None, :] < length_t[:, None]
     logp = torch.full((len(budgets), tokens), -1.0, dtype=torch.float64, requires_grad=True)
-    out = clipped_policy_loss(logp, logp.detach(), adv, mask, clip_eps_low=a.clip_eps_low,
-                              clip_eps_high=a.clip_eps_high, dual_clip_c=a.dual_clip_c)
-    (out.loss_sum / out.num_tokens).backward()
+    batch = SimpleNamespace(response_mask=mask, advantages=adv, logp_old=logp.detach(), logp_ref=None,
+                            logp_rollout=None)
+    out = method.loss()(logp, batch)
+    (out.loss_sum / out.normalizer).backward()
     push = -(logp.grad * mask).sum(dim=1)
-    print(f"  token-mean loss at ratio 1: {(out.loss_sum / out.num_tokens).item():.4f} over "
-          f"{int(out.num_tokens)} tokens; per-response push on log-probs (sign = up/down): "
+    print(f"  loss at ratio 1: {(out.loss_sum / out.normalizer).item():.4f} over "
+          f"{int(mask.sum())} tokens; per-response push on log-probs (sign = up/down): "
           + " ".join(f"{x:+.3f}" for x in push.tolist()))
 
 

@@ -2,13 +2,16 @@
 
 Under torchrun (or srun) for several processes; plain `python` is a world of one. In order:
 
-1. validate the recipe (before any process group starts) and start the groups;
+1. validate the recipe (before any process group starts), set up the process (runtime.py) and start
+   the groups;
 2. the base model: the synthetic task's supervised warm-up (reused when already done), or the
    recipe's HF checkpoint;
 3. the Megatron policy, resumed from the newest checkpoint with `--resume auto`;
 4. one vLLM engine per model-parallel group, refit with the policy's weights;
-5. evaluation of the base per level and prompt mode (eval.before_after), HBPO/GRPO steps, and the
-   evaluation after; `runs/<name>/summary.json` and `summary.png`.
+5. evaluation of the base per level and prompt mode (eval.before_after), the training steps, and the
+   evaluation after; `<logging.dir>/summary.json` and `summary.png`.
+
+This module composes the components (build_*); the loop is trainer.py.
 
 Exit codes: 0 done, 1 the refit check stopped the run (one line says why), 2 bad recipe or data, 143
 stopped by SIGTERM after saving a checkpoint.
@@ -17,7 +20,6 @@ stopped by SIGTERM after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,25 +43,24 @@ def _log_rank0_err(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_tokenizer_and_config(recipe: Any) -> tuple[Any, Any]:
-    """(tokenizer, transformers config) of the policy."""
+def load_tokenizer_and_config(model: Any, data: Any) -> tuple[Any, Any]:
+    """(tokenizer, transformers config) of the policy, from the recipe's model and data sections."""
     from transformers import AutoConfig, AutoTokenizer
 
     from megatron_hbpo.megatron.model import check_hf_config, hf_config_from_recipe
 
-    m = recipe.model
-    if recipe.data.source == "synthetic":
+    if data.source == "synthetic":
         from megatron_hbpo.data.synthetic import task_tokenizer
 
         tokenizer = task_tokenizer()
-        hf_config = hf_config_from_recipe(m)
+        hf_config = hf_config_from_recipe(model)
     else:
-        path = m.tokenizer_path or m.hf_path  # validate() made sure one is set
+        path = model.tokenizer_path or model.hf_path  # validate() made sure one is set
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        hf_config = AutoConfig.from_pretrained(m.hf_path, local_files_only=True) if m.hf_path else \
-            hf_config_from_recipe(m)
-        if m.hf_path:
-            check_hf_config(m, hf_config)
+        hf_config = AutoConfig.from_pretrained(model.hf_path, local_files_only=True) if model.hf_path else \
+            hf_config_from_recipe(model)
+        if model.hf_path:
+            check_hf_config(model, hf_config)
     if len(tokenizer) > hf_config.vocab_size:
         raise ValueError(f"model.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's "
                          f"{len(tokenizer)} tokens")
@@ -69,7 +70,7 @@ def load_tokenizer_and_config(recipe: Any) -> tuple[Any, Any]:
     return tokenizer, hf_config
 
 
-def load_base_weights(recipe: Any, policy: Any, hf_config: Any, warmup_weights: Path | None) -> None:
+def load_base_weights(model: Any, policy: Any, hf_config: Any, warmup_weights: Path | None) -> None:
     from megatron_hbpo.convert.hf_io import HFCheckpoint
     from megatron_hbpo.convert.mapping import hf_to_megatron_tensors
     from megatron_hbpo.megatron.checkpoint import load_weights
@@ -78,93 +79,48 @@ def load_base_weights(recipe: Any, policy: Any, hf_config: Any, warmup_weights: 
     if warmup_weights is not None:
         load_weights(policy.model[0], warmup_weights)
         policy.optimizer.reload_model_params()
-    elif recipe.model.hf_path:
+    elif model.hf_path:
         # Streams the checkpoint tensor by tensor into one full-size host copy; for the largest
         # models convert once with tools/convert_hf_to_megatron.py instead.
-        source = HFCheckpoint(recipe.model.hf_path)
-        padded = padded_vocab_size(hf_config.vocab_size, 1, recipe.model.make_vocab_size_divisible_by)
+        source = HFCheckpoint(model.hf_path)
+        padded = padded_vocab_size(hf_config.vocab_size, 1, model.make_vocab_size_divisible_by)
         state = dict(hf_to_megatron_tensors(source.get, hf_config, padded,
-                                            transformer_engine=use_transformer_engine(recipe.model.transformer_impl)))
+                                            transformer_engine=use_transformer_engine(model.transformer_impl)))
         policy.load_full_state(state.__getitem__)
 
 
 def write_rollout_model(policy: Any, hf_config: Any, tokenizer: Any, directory: Path) -> None:
     """An HF directory of the policy's current weights for vLLM to start from (collective)."""
-    import shutil
-
     import torch.distributed as dist
 
+    from megatron_hbpo.atomic import atomic_directory
     from megatron_hbpo.convert.export import HFExportStream
     from megatron_hbpo.convert.hf_io import write_safetensors
 
     stream = HFExportStream(policy.model[0], hf_config, bucket_bytes=256 << 20)
     if dist.get_rank() == 0:
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_safetensors(tmp, ((name, t.cpu()) for bucket in stream for name, t in bucket))
-        hf_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
+        with atomic_directory(directory, overwrite=True) as tmp:
+            write_safetensors(tmp, ((name, t.cpu()) for bucket in stream for name, t in bucket))
+            hf_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     else:
         for _ in stream:
             pass
     dist.barrier()
 
 
-def evaluate_policy(recipe: Any, trainer: Any, problems: list, label: str) -> dict:
-    """{mode: {level: metrics}} over the eval set, modes = natural + each budget; split over DP."""
-    import torch.distributed as dist
-
-    from megatron_hbpo.evaluate import aggregate, format_table, generate_and_score, sample_rows
-    from megatron_hbpo.trainer import seed_everything
-
-    start = time.perf_counter()
-    modes = [None, *recipe.algo.budgets]  # validated: distinct, increasing; empty for GRPO
-    mine = problems[trainer.dp_rank::trainer.dp_size]
-    records = []
-    if trainer.is_generator:
-        seed_everything(recipe.eval.seed, "eval", label, trainer.dp_rank)
-        trainer.engine.wake()
-        for mode in modes:
-            records += generate_and_score(trainer.engine, trainer.tokenizer, trainer.verifier, mine, mode, recipe)
-        trainer.engine.sleep()
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, records)
-    all_records = [r for part in gathered for r in part]
-    table = aggregate(all_records)
-    if dist.get_rank() == 0:
-        samples = trainer.run_dir / f"eval_samples_{label.replace(' ', '_')}.jsonl"
-        samples.parent.mkdir(parents=True, exist_ok=True)
-        samples.write_text("".join(json.dumps(row) + "\n" for row in sample_rows(all_records)))
-    _log_rank0(f"evaluation {label} ({time.perf_counter() - start:.1f} s; accuracy % / mean response tokens):\n"
-               + format_table(table))
-    return table
-
-
-def build_summary(before: dict, after: dict, wall_seconds: float, extra: dict) -> dict:
-    def pair(mode: str, level: str) -> dict:
-        pick = ("accuracy", "mean_tokens")
-        return {"before": {k: before[mode][level][k] for k in pick}, "after": {k: after[mode][level][k] for k in pick}}
-
-    summary = {"levels": {lv: pair("natural", lv) for lv in after["natural"]},
-               "budgets": {mode: {lv: pair(mode, lv) for lv in after[mode]} for mode in after if mode != "natural"},
-               "wall_seconds": wall_seconds}
-    summary.update(extra)
-    return summary
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="HBPO training on Megatron-Core with vLLM rollouts.")
+    parser = argparse.ArgumentParser(description="RL training (HBPO and its baselines) on Megatron-Core with vLLM "
+                                                 "rollouts.")
     parser.add_argument("--config", required=True, help="recipe YAML (recipes/...)")
     parser.add_argument("--resume", default=None, help="auto (newest complete checkpoint), none, or a checkpoint "
                                                        "directory; default: the recipe's checkpoint.resume")
+    parser.add_argument("--verbose", action="store_true", help="show library warnings and vLLM's INFO logs")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_steps=10")
     args = parser.parse_args(argv)
     wall_start = time.perf_counter()
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # per-refit INFO lines would bury the progress bar
 
+    from megatron_hbpo import runtime
     from megatron_hbpo.config import ConfigError, load_recipe
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
@@ -176,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    runtime.configure(verbose=args.verbose)
     return run(recipe, wall_start)
 
 
 def run(recipe: Any, wall_start: float) -> int:
+    from megatron_hbpo.components.refit import RefitMismatchError
     from megatron_hbpo.data.prompts import DataError
-    from megatron_hbpo.trainer import RefitMismatchError
 
     try:
         return _run(recipe, wall_start)
@@ -197,77 +154,69 @@ def _run(recipe: Any, wall_start: float) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megatron_hbpo import atomic
     from megatron_hbpo.algo.verify import AnswerVerifier
-    from megatron_hbpo.data.source import PromptSource, file_eval_set, synthetic_eval_set
-    from megatron_hbpo.evaluate import write_json_atomic
+    from megatron_hbpo.data.source import PromptSource
+    from megatron_hbpo.evaluation.summary import build_summary, plot_summary
     from megatron_hbpo.megatron import parallel
     from megatron_hbpo.megatron.train_step import MegatronPolicy
-    from megatron_hbpo.trainer import Trainer, holds_rollout_engine
     from megatron_hbpo.warmup import run_warmup
 
-    source = PromptSource(recipe, log=_log_rank0)  # bad data fails here, before any process group or model exists
-    parallel.initialize(recipe.parallel, recipe.train.seed)
-    tokenizer, hf_config = load_tokenizer_and_config(recipe)
+    m, r, t, a, e = recipe.model, recipe.rollout, recipe.train, recipe.algo, recipe.eval
+    source = PromptSource(recipe.data, t.seed, log=_log_rank0)  # bad data fails here, before any process group
+    parallel.initialize(recipe.parallel, t.seed)
+    tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data)
     run_dir = Path(recipe.logging.dir)
-    warmup_weights = run_warmup(recipe, hf_config, tokenizer, log=_log_rank0) if recipe.warmup.steps else None
+    warmup_weights = run_warmup(recipe.warmup, model=m, parallel=recipe.parallel, optimizer=recipe.optimizer,
+                                data=recipe.data, algo=a, micro_batch_tokens=t.micro_batch_tokens,
+                                checkpoint_dir=recipe.checkpoint.dir, hf_config=hf_config, tokenizer=tokenizer,
+                                log=_log_rank0) if recipe.warmup.steps else None
 
-    policy = MegatronPolicy(recipe, hf_config)
-    load_base_weights(recipe, policy, hf_config, warmup_weights)
-    engine = verifier = None
-    is_generator = holds_rollout_engine()
-    rollout_dir = Path(recipe.model.hf_path) if recipe.model.hf_path else run_dir / "rollout_model"
-    if not recipe.model.hf_path:
+    policy = MegatronPolicy(hf_config, m, recipe.parallel, recipe.optimizer, micro_batch_tokens=t.micro_batch_tokens,
+                            optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts))
+    load_base_weights(m, policy, hf_config, warmup_weights)
+    rollout_dir = Path(m.hf_path) if m.hf_path else run_dir / "rollout_model"
+    if not m.hf_path:
         write_rollout_model(policy, hf_config, tokenizer, rollout_dir)
-    if is_generator:
+    mp_group = parallel_state.get_model_parallel_group()
+    engine_rank = dist.get_process_group_ranks(mp_group)[0]
+    engine = verifier = None
+    if dist.get_rank() == engine_rank:
         from megatron_hbpo.rollout.vllm_engine import VLLMEngine
 
-        r = recipe.rollout
-        engine = VLLMEngine(rollout_dir, seed=recipe.train.seed + parallel_state.get_data_parallel_rank(),
-                            dtype="float32" if recipe.model.params_dtype == "fp32" else "bfloat16",
+        engine = VLLMEngine(rollout_dir, seed=t.seed + parallel_state.get_data_parallel_rank(),
+                            dtype="float32" if m.params_dtype == "fp32" else "bfloat16",
                             max_model_len=r.max_prompt_length + r.max_response_length,
                             tensor_parallel_size=r.tensor_parallel_size,
                             gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager)
         verifier = AnswerVerifier(recipe.verifier.num_workers, recipe.verifier.timeout_s)
-    trainer = Trainer(recipe, policy, hf_config, tokenizer, engine, verifier, run_dir, source=source, log=_log_rank0)
     try:
-        eval_set = None
-        if recipe.eval.before_after or recipe.eval.interval:
-            e = recipe.eval
-            eval_set = synthetic_eval_set(recipe.data.synthetic_levels, e.problems_per_level, e.seed) \
-                if recipe.data.source == "synthetic" else file_eval_set(recipe)
-        before_path = run_dir / "eval_before.json"
-        trainer.resume()
-        if trainer.start_step == 1 or not before_path.exists():
-            # The engine holds the base weights until the first refit.
-            if recipe.eval.before_after:
-                before = evaluate_policy(recipe, trainer, eval_set, "before training")
-                if dist.get_rank() == 0:
-                    write_json_atomic(before_path, before)
-        if trainer.start_step > 1:
-            trainer.refit()  # the engine starts from the base; the resumed policy has moved on
-
-        def periodic_eval(step: int, metrics: dict) -> None:
-            if recipe.eval.interval and step % recipe.eval.interval == 0:
-                table = evaluate_policy(recipe, trainer, eval_set, f"at step {step}")
-                for mode, per_level in table.items():
-                    for level, values in per_level.items():
-                        metrics.update({f"eval_{mode}_{level}/{k}": v for k, v in values.items() if k != "samples"})
-
-        trainer.run(on_step=periodic_eval)
+        trainer, evaluator = build_trainer(recipe, policy=policy, hf_config=hf_config, tokenizer=tokenizer,
+                                           engine=engine, verifier=verifier, engine_rank=engine_rank, source=source,
+                                           log=_log_rank0)
+        before_path, after_path = run_dir / "eval_before.json", run_dir / "eval_after.json"
+        resumed = trainer.resume()
+        if evaluator is not None and e.before_after and (not resumed or not before_path.exists()):
+            # The engine still holds the base weights: a resumed policy reaches it with the refit below.
+            before = evaluator.evaluate("before training")
+            if dist.get_rank() == 0:
+                atomic.write_json(before_path, before)
+        if resumed:
+            trainer.refitter.refit()
+        trainer.run()
         if trainer.preempted:
             return PREEMPTED_EXIT
-        if recipe.eval.before_after:
-            after = evaluate_policy(recipe, trainer, eval_set, "after training")
+        if evaluator is not None and e.before_after:
+            after = evaluator.evaluate("after training")
             if dist.get_rank() == 0:
-                before = json.loads(before_path.read_text())
-                summary = build_summary(before, after, time.perf_counter() - wall_start,
-                                        {"recipe": recipe.name, "algo": recipe.algo.name,
-                                         "center_intra": recipe.algo.center_intra,
-                                         "steps": recipe.train.total_steps})
-                write_json_atomic(run_dir / "summary.json", summary)
-                from megatron_hbpo.report import plot_summary
+                import json
 
-                plot_summary(summary, run_dir / "summary.png", baselines=_baselines(recipe))
+                atomic.write_json(after_path, after)
+                summary = build_summary(json.loads(before_path.read_text()), after,
+                                        wall_seconds=time.perf_counter() - wall_start, recipe=recipe.name,
+                                        algo=a.name, center_intra=a.center_intra, steps=t.total_steps)
+                atomic.write_json(run_dir / "summary.json", summary)
+                plot_summary(summary, run_dir / "summary.png", baselines=_baselines(recipe.logging.compare_with))
                 _log_rank0(f"wrote {run_dir / 'summary.json'} and {run_dir / 'summary.png'} "
                            f"({time.perf_counter() - wall_start:.0f} s in all)")
         dist.barrier()  # rank 0 writes the summary; everyone leaves together
@@ -278,10 +227,54 @@ def _run(recipe: Any, wall_start: float) -> int:
             verifier.close()
 
 
-def _baselines(recipe: Any) -> dict[str, dict]:
+def build_trainer(recipe: Any, *, policy: Any, hf_config: Any, tokenizer: Any, engine: Any, verifier: Any,
+                  engine_rank: int, source: Any, log: Any = _log_rank0) -> tuple[Any, Any]:
+    """The trainer and its evaluator (None without evaluation) from the recipe's sections. `engine` and
+    `verifier`: on `engine_rank`, the first rank of this model-parallel group (None on the others)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_hbpo.algo.methods import method_for
+    from megatron_hbpo.components.checkpointer import CheckpointManager
+    from megatron_hbpo.components.evaluator import Evaluator
+    from megatron_hbpo.components.metrics import MetricsLogger
+    from megatron_hbpo.components.refit import RefitGuard, Refitter
+    from megatron_hbpo.components.rollouts import RolloutWorker
+    from megatron_hbpo.data.chat import PromptBuilder, PromptFormat
+    from megatron_hbpo.data.source import eval_set
+    from megatron_hbpo.trainer import Schedule, Trainer
+
+    m, r, t, a, e = recipe.model, recipe.rollout, recipe.train, recipe.algo, recipe.eval
+    run_dir = Path(recipe.logging.dir)
+    method = method_for(a, l_max=r.max_response_length, temperature=r.temperature)
+    prompts = PromptBuilder(tokenizer, PromptFormat.of(recipe.data, a))
+    evaluator = None
+    if e.before_after or e.interval:
+        evaluator = Evaluator(e, problems=eval_set(recipe.data, e.problems_per_level, e.seed),
+                              modes=method.eval_modes(),
+                              benchmark="synthetic" if recipe.data.source == "synthetic" else "eval",
+                              max_tokens=r.max_response_length, prompts=prompts, engine=engine, verifier=verifier,
+                              think_close=a.think_close, run_dir=run_dir, log=log)
+    trainer = Trainer(
+        Schedule(recipe.name, t.total_steps, t.prompts_per_step, t.mini_batch_prompts, t.seed,
+                 recipe.logging.mismatch_threshold),
+        policy=policy, method=method, source=source,
+        rollouts=RolloutWorker(r, method, prompts, think_close=a.think_close, engine=engine, verifier=verifier,
+                               group=parallel_state.get_model_parallel_group(), src=engine_rank),
+        refitter=Refitter(policy.model[0], hf_config, engine), guard=RefitGuard(r.refit_check, m.params_dtype),
+        checkpoints=CheckpointManager(recipe.checkpoint, policy, total_steps=t.total_steps, log=log),
+        evaluator=evaluator, temperature=r.temperature, log=log,
+        make_logger=lambda start: MetricsLogger(recipe.logging, run_dir, name=recipe.name, start_step=start,
+                                                total_steps=t.total_steps, enabled=dist.get_rank() == 0))
+    return trainer, evaluator
+
+
+def _baselines(run_dirs: list[str]) -> dict[str, dict]:
     """Summaries of other runs to draw beside this one (logging.compare_with)."""
+    import json
+
     out = {}
-    for path in recipe.logging.compare_with:
+    for path in run_dirs:
         file = Path(path) / "summary.json"
         if file.is_file():
             data = json.loads(file.read_text())

@@ -20,69 +20,73 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from megatron_hbpo.algo.budgets import build_prompt
-from megatron_hbpo.config import Recipe
+from megatron_hbpo import atomic
+from megatron_hbpo.algo.loss import SFTLoss
+from megatron_hbpo.config import AlgoConfig, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, WarmupConfig
+from megatron_hbpo.data.chat import NATURAL, PromptBuilder, PromptFormat, budget_mode
 from megatron_hbpo.data.synthetic import TASK_VERSION, make_problem, response_text, style_mix_sample
-from megatron_hbpo.evaluate import write_json_atomic
 from megatron_hbpo.megatron.batching import PolicySequence
 
 FINGERPRINT_FILE = "warmup.json"
 
 
-def warmup_dir(recipe: Recipe) -> Path:
-    return Path(recipe.warmup.dir or Path(recipe.checkpoint.dir) / "warmup")
+def prompt_budgets(warmup: WarmupConfig, algo: AlgoConfig) -> list[int]:
+    """The budgets the warm-up's budget prompts draw from: warmup.prompt_budgets, else algo.budgets."""
+    return list(warmup.prompt_budgets or algo.budgets)
 
 
-def fingerprint(recipe: Recipe) -> dict:
+def warmup_dir(warmup: WarmupConfig, checkpoint_dir: str) -> Path:
+    return Path(warmup.dir or Path(checkpoint_dir) / "warmup")
+
+
+def fingerprint(warmup: WarmupConfig, model: ModelConfig, data: DataConfig, algo: AlgoConfig,
+                micro_batch_tokens: int) -> dict:
     """Everything the warm-up weights depend on (not the RL settings, which may differ between runs)."""
     # prompt_budgets enters resolved, as "budgets"; dir is where, not what.
-    warmup = {k: v for k, v in dataclasses.asdict(recipe.warmup).items() if k not in ("dir", "prompt_budgets")}
-    return {"model": dataclasses.asdict(recipe.model), "warmup": warmup,
-            "levels": list(recipe.data.synthetic_levels), "budgets": prompt_budgets(recipe),
-            "budget_template": recipe.algo.budget_template, "think_open": recipe.algo.think_open,
-            "think_close": recipe.algo.think_close, "prompt_template": recipe.data.prompt_template,
-            "micro_batch_tokens": recipe.train.micro_batch_tokens, "task_version": TASK_VERSION}
+    fields = {k: v for k, v in dataclasses.asdict(warmup).items() if k not in ("dir", "prompt_budgets")}
+    return {"model": dataclasses.asdict(model), "warmup": fields,
+            "levels": list(data.synthetic_levels), "budgets": prompt_budgets(warmup, algo),
+            "budget_template": algo.budget_template, "think_open": algo.think_open,
+            "think_close": algo.think_close, "prompt_template": data.prompt_template,
+            "micro_batch_tokens": micro_batch_tokens, "task_version": TASK_VERSION}
 
 
-def prompt_budgets(recipe: Recipe) -> list[int]:
-    return list(recipe.warmup.prompt_budgets or recipe.algo.budgets)
-
-
-def warmup_sequences(tokenizer: Any, rng: random.Random, count: int, recipe: Recipe) -> list[PolicySequence]:
+def warmup_sequences(prompts: PromptBuilder, rng: random.Random, count: int, warmup: WarmupConfig,
+                     data: DataConfig, algo: AlgoConfig) -> list[PolicySequence]:
     """`count` supervised sequences: prompt (natural, or with a random budget prefix) + styled response + eos."""
-    w, algo, data = recipe.warmup, recipe.algo, recipe.data
-    budgets = prompt_budgets(recipe)
+    budgets = prompt_budgets(warmup, algo)
+    tokenizer = prompts.tokenizer
     sequences = []
     for _ in range(count):
         problem = make_problem(rng, rng.choice(data.synthetic_levels))
-        mode = rng.choice(budgets) if budgets and rng.random() < w.budget_prompt_fraction else None
-        prompt = build_prompt(tokenizer, data.prompt_template.format(problem=problem.text), mode,
-                              template=algo.budget_template, think_open=algo.think_open,
-                              system_prompt=data.system_prompt)
+        budget = rng.choice(budgets) if budgets and rng.random() < warmup.budget_prompt_fraction else None
+        prompt_ids = prompts.ids(problem.text, NATURAL if budget is None else budget_mode(budget))
         # Natural mode: the model opens its thinking block itself.
-        response = response_text(problem, style_mix_sample(rng, w.style_mix), rng=rng, error_rate=w.error_rate,
-                                 think_open=algo.think_open if mode is None else "", think_close=algo.think_close)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response = response_text(problem, style_mix_sample(rng, warmup.style_mix), rng=rng,
+                                 error_rate=warmup.error_rate, think_open=algo.think_open if budget is None else "",
+                                 think_close=algo.think_close)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         sequences.append(PolicySequence(tokens=prompt_ids + response_ids, prompt_length=len(prompt_ids)))
     return sequences
 
 
-def run_warmup(recipe: Recipe, hf_config: Any, tokenizer: Any, *,
-               log: Callable[[str], None] = print) -> Path:
+def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
+               data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int, checkpoint_dir: str, hf_config: Any,
+               tokenizer: Any, log: Callable[[str], None] = print) -> Path:
     """Train the base (or reuse a matching earlier warm-up) and return its weights directory.
 
-    Collective: every rank calls it. Requires `megatron.parallel.initialize`.
+    Collective: every rank calls it. Requires `megatron.parallel.initialize`. `optimizer` is the
+    recipe's: the warm-up keeps its Adam settings and replaces the schedule with its own (cosine).
     """
     from megatron.core import parallel_state
 
     from megatron_hbpo.megatron.checkpoint import save_weights
     from megatron_hbpo.megatron.train_step import MegatronPolicy
 
-    w = recipe.warmup
-    out = warmup_dir(recipe)
+    w = warmup
+    out = warmup_dir(w, checkpoint_dir)
     weights = out / "weights"
-    expected = fingerprint(recipe)
+    expected = fingerprint(w, model, data, algo, micro_batch_tokens)
     if (out / FINGERPRINT_FILE).is_file():
         found = json.loads((out / FINGERPRINT_FILE).read_text())
         if found.get("fingerprint") == expected and weights.is_dir():
@@ -95,27 +99,28 @@ def run_warmup(recipe: Recipe, hf_config: Any, tokenizer: Any, *,
 
         shutil.rmtree(weights)
     dist.barrier()
-    warm_recipe = dataclasses.replace(
-        recipe, optimizer=dataclasses.replace(recipe.optimizer, lr=w.lr, min_lr=w.min_lr, lr_schedule="cosine",
-                                              lr_warmup_steps=min(50, w.steps // 10), weight_decay=w.weight_decay))
-    policy = MegatronPolicy(warm_recipe, hf_config, optimizer_steps=w.steps)
+    warm_optimizer = dataclasses.replace(optimizer, lr=w.lr, min_lr=w.min_lr, lr_schedule="cosine",
+                                         lr_warmup_steps=min(50, w.steps // 10), weight_decay=w.weight_decay)
+    policy = MegatronPolicy(hf_config, model, parallel, warm_optimizer, micro_batch_tokens=micro_batch_tokens,
+                            optimizer_steps=w.steps)
+    prompts = PromptBuilder(tokenizer, PromptFormat.of(data, algo))
+    loss = SFTLoss()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = w.sequences_per_step // parallel_state.get_data_parallel_world_size()
-    start, loss, tokens = time.perf_counter(), float("nan"), 0
+    start, final_loss, tokens = time.perf_counter(), float("nan"), 0
     for step in range(1, w.steps + 1):
         # Seeded by (seed, step, DP rank): every TP/PP rank of a DP group sees the same data.
         rng = random.Random(f"{w.seed}:{step}:{dp_rank}")
-        metrics = policy.train_step(warmup_sequences(tokenizer, rng, per_rank, recipe), objective="sft")
-        loss, tokens = metrics.loss, tokens + metrics.response_tokens
+        result = policy.train_step(warmup_sequences(prompts, rng, per_rank, w, data, algo), loss)
+        final_loss, tokens = result.loss, tokens + result.response_tokens
         if step == 1 or step % max(1, w.steps // 10) == 0 or step == w.steps:
-            log(f"warm-up step {step}/{w.steps}: loss {loss:.4f}, lr {metrics.lr:.2e}, "
+            log(f"warm-up step {step}/{w.steps}: loss {final_loss:.4f}, lr {result.lr:.2e}, "
                 f"{tokens / (time.perf_counter() - start):.0f} response tok/s")
     out.mkdir(parents=True, exist_ok=True)
     save_weights(policy.model[0], weights)
     if dist.get_rank() == 0:
-        write_json_atomic(out / FINGERPRINT_FILE, {"fingerprint": expected, "steps": w.steps, "final_loss": loss,
+        atomic.write_json(out / FINGERPRINT_FILE, {"fingerprint": expected, "steps": w.steps, "final_loss": final_loss,
                                                    "seconds": time.perf_counter() - start})
     dist.barrier()
     del policy
     return weights
-

@@ -2,20 +2,19 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_hbpo.config import ConfigError, load_recipe
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny_cpu.yaml"
 
 
 def test_tiny_cpu_validates_with_the_papers_algorithm_defaults():
     r = load_recipe(TINY)
     assert r.algo.budgets == [16, 32, 48, 64] and r.rollout.max_response_length == 96
-    # Fields the recipe leaves alone keep the paper's values (HBPO_SPEC.md s2-s4).
+    # Fields the recipe leaves alone keep the paper's values (docs/method.md).
     assert (r.algo.beta, r.algo.w_intra, r.algo.format_error_reward) == (4.0, 1.0, 0.0)
     assert (r.algo.clip_eps_low, r.algo.clip_eps_high, r.algo.dual_clip_c) == (0.2, 0.28, 3.0)
     assert r.algo.budget_template == " I will answer the question within {budget} tokens"

@@ -2,9 +2,8 @@
 
 import subprocess
 import sys
-from pathlib import Path
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args):

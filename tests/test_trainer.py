@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_hbpo.trainer import deterministic_metrics
+from megatron_hbpo.components.metrics import deterministic_metrics
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                   OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
 
@@ -106,7 +106,7 @@ def test_one_rank_run_trains_and_writes_everything(reference, tmp_path):
     assert not [p for p in (root / "ck").iterdir() if p.name.endswith(".tmp")]
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert set(summary["levels"]) >= {"1", "2", "3", "4"}
-    assert set(summary["budgets"]) == {"16", "32", "48", "64"}
+    assert set(summary["budgets"]) == {"budget:16", "budget:32", "budget:48", "budget:64"}
     assert {"before", "after"} <= set(summary["levels"]["1"])
     assert (root / "run" / "summary.png").stat().st_size > 1000
     assert any(p.name.startswith("events.") for p in (root / "run" / "tensorboard").iterdir())
@@ -185,7 +185,7 @@ def test_refit_check_stops_a_run_whose_refit_is_broken(tmp_path):
             "train.prompts_per_step=4", "train.mini_batch_prompts=2", "optimizer.lr=1e-3",
             f"checkpoint.dir={tmp_path / 'ck'}", f"logging.dir={tmp_path / 'run'}", "logging.progress_bar=false",
             "eval.before_after=false", "verifier.num_workers=1"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "rollout" / "broken_refit_train.py"), *args],
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "scripts" / "broken_refit_train.py"), *args],
                             env=PYTHON_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = finish(proc, expect=1)
     [line] = [line for line in out.splitlines() if line.startswith("refit check:")]

@@ -10,10 +10,7 @@ weights several times and reports seconds per refit and per GB. On CPU this is v
 from __future__ import annotations
 
 import argparse
-import os
 import time
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def main() -> None:
@@ -27,21 +24,28 @@ def main() -> None:
     parser.add_argument("--refits", type=int, default=5)
     args = parser.parse_args()
 
+    from megatron_hbpo import runtime
+    from megatron_hbpo.algo.methods import method_for
     from megatron_hbpo.config import AlgoConfig, DataConfig
     from megatron_hbpo.convert.hf_io import HFCheckpoint
+    from megatron_hbpo.data.chat import PromptBuilder, PromptFormat
     from megatron_hbpo.rollout.engine import SamplingSettings
-    from megatron_hbpo.rollout.requests import budgeted_requests
+    from megatron_hbpo.rollout.requests import build_requests
     from megatron_hbpo.rollout.vllm_engine import VLLMEngine
+
+    runtime.configure(megatron=False)
 
     start = time.perf_counter()
     engine = VLLMEngine(args.model, seed=0, dtype=args.dtype, max_model_len=1024)
     startup = time.perf_counter() - start
     tokenizer = engine.llm.get_tokenizer()
     budgets = [int(b) for b in args.budgets.split(",") if b]
-    requests = budgeted_requests(tokenizer, [f"What is {i} + {2 * i + 1}?" for i in range(args.prompts)],
-                                 n_rollouts=args.n, algo=AlgoConfig(budgets=budgets, name="hbpo" if budgets else "grpo"),
-                                 data=DataConfig(prompt_template="{problem}"),
-                                 sampling=SamplingSettings(temperature=1.0, max_tokens=args.max_tokens))
+    algo = AlgoConfig(budgets=budgets, name="hbpo" if budgets else "grpo")
+    method = method_for(algo, l_max=args.max_tokens, temperature=1.0)
+    prompts = PromptBuilder(tokenizer, PromptFormat.of(DataConfig(prompt_template="{problem}"), algo))
+    requests = build_requests(prompts, [f"What is {i} + {2 * i + 1}?" for i in range(args.prompts)],
+                              method.prompt_modes(args.n),
+                              sampling=SamplingSettings(temperature=1.0, max_tokens=args.max_tokens))
     engine.generate(requests[:2])  # warm-up
     start = time.perf_counter()
     samples = engine.generate(requests)

@@ -19,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_hbpo import runtime
+from megatron_hbpo.algo.methods import method_for
 from megatron_hbpo.config import load_recipe
 from megatron_hbpo.megatron import parallel
 from megatron_hbpo.megatron.batching import PolicySequence
@@ -66,8 +68,13 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     recipe = load_recipe(args.config, args.overrides + ["cluster.nodes=1", f"cluster.gpus_per_node={world}"],
                          world_size=world)
+    runtime.configure()
     parallel.initialize(recipe.parallel, recipe.train.seed)
-    policy = MegatronPolicy(recipe, hf_config_from_recipe(recipe.model))
+    t = recipe.train
+    policy = MegatronPolicy(hf_config_from_recipe(recipe.model), recipe.model, recipe.parallel, recipe.optimizer,
+                            micro_batch_tokens=t.micro_batch_tokens,
+                            optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts))
+    method = method_for(recipe.algo, l_max=recipe.rollout.max_response_length, temperature=recipe.rollout.temperature)
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -83,11 +90,11 @@ def main() -> None:
     for step in range(args.steps + 1):
         sync()
         start = time.perf_counter()
-        for seq, logp in zip(sequences, policy.logprobs(sequences)):
+        for seq, logp in zip(sequences, policy.logprobs(sequences, temperature=recipe.rollout.temperature)):
             seq.logp_old = logp
         sync()
         middle = time.perf_counter()
-        metrics = policy.train_step(sequences)
+        metrics = policy.train_step(sequences, method.loss())
         sync()
         end = time.perf_counter()
         if step:  # the first step pays for allocation and warm-up

@@ -8,13 +8,8 @@ hbpo_checkpoint.json. Runs on the CPU in one process; peak memory is the model p
 
 from __future__ import annotations
 
-import os
-
-# A CPU tool: never initialise CUDA or take a GPU from a training job on the same node.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
 
 def main() -> int:
@@ -25,13 +20,17 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args()
 
+    from megatron_hbpo import runtime
+
+    runtime.configure(cpu_only=True)  # a CPU tool: never take a GPU from a training job on the node
+
     from megatron_hbpo.config import ConfigError
     from megatron_hbpo.convert.checkpoints import hf_to_megatron_checkpoint, summary_line
     from megatron_hbpo.convert.hf_io import CheckpointError
 
     try:
         stats = hf_to_megatron_checkpoint(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(args.out, stats))

@@ -9,13 +9,8 @@ embeddings restored by the config. Runs on the CPU in one process.
 
 from __future__ import annotations
 
-import os
-
-# A CPU tool: never initialise CUDA or take a GPU from a training job on the same node.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
 
 def main() -> int:
@@ -27,13 +22,17 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args()
 
+    from megatron_hbpo import runtime
+
+    runtime.configure(cpu_only=True)  # a CPU tool: never take a GPU from a training job on the node
+
     from megatron_hbpo.convert.checkpoints import megatron_to_hf_checkpoint, summary_line
     from megatron_hbpo.convert.hf_io import CheckpointError
 
     try:
         stats = megatron_to_hf_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(args.out, stats))

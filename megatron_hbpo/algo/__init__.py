@@ -1,4 +1,4 @@
-"""The HBPO algorithm as pure functions on tensors (HBPO_SPEC.md s1-s4); no distributed state.
+"""The HBPO algorithm as pure functions on tensors (docs/method.md); no distributed state.
 
 budgets   subgroup assignment and the budget prefix of the prompt
 reward    budget-aware piecewise reward, GRPO's 0/1 reward

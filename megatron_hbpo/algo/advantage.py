@@ -1,4 +1,4 @@
-"""Hierarchical advantage (HBPO_SPEC.md s3) and the GRPO baseline.
+"""Hierarchical advantage (docs/method.md) and the GRPO baseline.
 
 For the samples of one prompt (rewards R_ij, subgroup i = budget b_i):
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hbpo.algo.reward import DEFAULT_BETA, DEFAULT_L_MAX, budget_baseline
+from megatron_hbpo.algo.constants import ADV_EPS, BETA, L_MAX
+from megatron_hbpo.algo.reward import budget_baseline
 
 
 def _segment_mean(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -24,7 +25,7 @@ def _segment_mean(values: torch.Tensor, segment: torch.Tensor, num_segments: int
     return sums / counts
 
 
-def group_normalized_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+def group_normalized_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = ADV_EPS) -> torch.Tensor:
     """(R - mean_group(R)) / (std_group(R) + eps), std with Bessel's correction; 0 for a group of one.
 
     rewards: [N] floating; group_ids: [N] integer, samples sharing a prompt share an id (any order).
@@ -47,10 +48,10 @@ def hierarchical_advantage(
     budgets: torch.Tensor,
     group_ids: torch.Tensor,
     *,
-    l_max: int = DEFAULT_L_MAX,
-    beta: float = DEFAULT_BETA,
+    l_max: int = L_MAX,
+    beta: float = BETA,
     w_intra: float = 1.0,
-    eps: float = 1e-6,
+    eps: float = ADV_EPS,
     center_intra: bool = False,
 ) -> torch.Tensor:
     """HBPO advantage, one per sample.

@@ -1,4 +1,4 @@
-"""Clipped policy loss with dual clip, summed over response tokens (HBPO_SPEC.md s4).
+"""Clipped policy loss with dual clip, summed over response tokens (docs/method.md).
 
     rho_t = exp(logp_new - logp_old)
     l_t   = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A)
@@ -13,8 +13,11 @@ that every split of a mini-batch yields the same gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from megatron_hbpo.algo.constants import CLIP_EPS_HIGH, CLIP_EPS_LOW, DUAL_CLIP_C
 
 # exp() of a log-ratio beyond this is clipped anyway (see clipped_policy_loss); the clamp keeps an
 # overflow from turning into inf * 0 = NaN in backward.
@@ -54,9 +57,9 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.28,
-    dual_clip_c: float = 3.0,
+    clip_eps_low: float = CLIP_EPS_LOW,
+    clip_eps_high: float = CLIP_EPS_HIGH,
+    dual_clip_c: float = DUAL_CLIP_C,
     logp_ref: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -117,3 +120,92 @@ def clipped_policy_loss(
         dual_clipped_tokens=(mask & dual_active).sum(),
         kl_sum=kl_sum.detach(),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss handed to the policy's training step: one small protocol for every objective.
+# --------------------------------------------------------------------------------------------------
+
+
+class LossBatch(Protocol):
+    """What a loss reads from a micro-batch (megatron/batching.MicroBatch has these fields).
+
+    Shapes: [b, s] per token (aligned with the labels), advantages [b] per sequence or [b, s].
+    """
+
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    logp_old: torch.Tensor | None
+    logp_ref: torch.Tensor | None
+    logp_rollout: torch.Tensor | None
+
+
+@dataclass
+class LossOutput:
+    """One micro-batch's share of a loss.
+
+    The mini-batch's loss is sum(loss_sum) / sum(normalizer) over all micro-batches and data-parallel
+    ranks: Megatron all-reduces the normalizer and divides the gradients by it, so any split of the
+    mini-batch gives the same gradient. `metrics` are sums over the trained tokens, divided by their
+    total count by the caller (e.g. "clip_fraction": the number of clipped tokens).
+    """
+
+    loss_sum: torch.Tensor
+    normalizer: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class PolicyLoss(Protocol):
+    """A training objective: per-token log-probs of the labels (at `temperature`) -> LossOutput."""
+
+    temperature: float  # the policy's log-probs are taken at this temperature
+    needs_logp_old: bool  # whether every sequence must carry logp_old before training
+    metric_names: tuple[str, ...]  # the keys of LossOutput.metrics, the same on every call
+
+    def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput: ...
+
+
+@dataclass(frozen=True)
+class ClippedLoss:
+    """HBPO's and GRPO's objective: `clipped_policy_loss`, token-mean over the mini-batch, with optional
+    KL to a reference and truncated importance weights against the rollout engine (algo/mismatch.py)."""
+
+    temperature: float
+    clip_eps_low: float = CLIP_EPS_LOW
+    clip_eps_high: float = CLIP_EPS_HIGH
+    dual_clip_c: float = DUAL_CLIP_C
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    tis_cap: float | None = None
+    needs_logp_old: bool = True
+    metric_names: tuple[str, ...] = ("clip_fraction", "dual_clip_fraction", "kl")
+
+    def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput:
+        from megatron_hbpo.algo.mismatch import truncated_importance_weights
+
+        assert batch.logp_old is not None  # MegatronPolicy checks needs_logp_old before the step
+        weights = None
+        if self.tis_cap is not None and batch.logp_rollout is not None:
+            weights = truncated_importance_weights(batch.logp_old, batch.logp_rollout, cap=self.tis_cap)
+        out = clipped_policy_loss(
+            logp, batch.logp_old, batch.advantages, batch.response_mask, clip_eps_low=self.clip_eps_low,
+            clip_eps_high=self.clip_eps_high, dual_clip_c=self.dual_clip_c, logp_ref=batch.logp_ref,
+            kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, importance_weights=weights,
+        )
+        return LossOutput(loss_sum=out.loss_sum, normalizer=out.num_tokens,
+                          metrics={"clip_fraction": out.clipped_tokens, "dual_clip_fraction": out.dual_clipped_tokens,
+                                   "kl": out.kl_sum})
+
+
+@dataclass(frozen=True)
+class SFTLoss:
+    """Negative log-likelihood of the response tokens, token-mean: the supervised warm-up. Its
+    log-probs are at temperature 1, since it learns the data's own distribution."""
+
+    temperature: float = 1.0
+    needs_logp_old: bool = False
+    metric_names: tuple[str, ...] = ()
+
+    def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput:
+        mask = batch.response_mask
+        return LossOutput(loss_sum=-(logp * mask).sum(), normalizer=mask.sum(), metrics={})

@@ -1,4 +1,4 @@
-"""Budget-aware piecewise reward (HBPO_SPEC.md s2) and the GRPO baseline's 0/1 reward.
+"""Budget-aware piecewise reward (docs/method.md) and the GRPO baseline's 0/1 reward.
 
     f2(b)    = beta * cos(pi * b / (2 * L_max))                    budget baseline R_b
     f1(L, b) = beta * cos(pi * L / (2 * L_max)) - alpha * |L - b|
@@ -11,9 +11,7 @@ import math
 
 import torch
 
-DEFAULT_L_MAX = 4096
-DEFAULT_ALPHA = 1.0 / 4096
-DEFAULT_BETA = 4.0
+from megatron_hbpo.algo.constants import ALPHA, BETA, L_MAX
 
 
 def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -27,7 +25,7 @@ def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def budget_baseline(budgets: torch.Tensor, *, l_max: int = DEFAULT_L_MAX, beta: float = DEFAULT_BETA) -> torch.Tensor:
+def budget_baseline(budgets: torch.Tensor, *, l_max: int = L_MAX, beta: float = BETA) -> torch.Tensor:
     """f2(b) = beta * cos(pi * b / (2 L_max)): the most a response under budget b can earn."""
     budgets = torch.as_tensor(budgets)
     dtype = _float_dtype(budgets)
@@ -40,9 +38,9 @@ def hbpo_reward(
     correct: torch.Tensor,
     format_ok: torch.Tensor,
     *,
-    l_max: int = DEFAULT_L_MAX,
-    alpha: float = DEFAULT_ALPHA,
-    beta: float = DEFAULT_BETA,
+    l_max: int = L_MAX,
+    alpha: float = ALPHA,
+    beta: float = BETA,
     format_error_reward: float = 0.0,
 ) -> torch.Tensor:
     """One reward per sample.

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from megatron_hbpo.config import ParallelConfig
-from megatron_hbpo.convert.hf_io import CheckpointError, HFCheckpoint, atomic_directory, copy_side_files, \
+from megatron_hbpo.atomic import atomic_directory
+from megatron_hbpo.convert.hf_io import CheckpointError, HFCheckpoint, copy_side_files, \
     write_safetensors
 from megatron_hbpo.convert.mapping import hf_to_megatron_tensors, megatron_to_hf
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -138,30 +137,3 @@ def write_safetensors(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]]
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False, marker: str = "") -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place only when complete.
-
-    An existing target (one that holds `marker`, or any non-empty directory) is refused unless
-    `overwrite`; an exception removes the temporary directory, so a failed or interrupted run never
-    leaves something that looks like a finished checkpoint.
-    """
-    target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        what = "a checkpoint" if marker and (target / marker).exists() else "files"
-        raise CheckpointError(f"{target} already holds {what}; pass --overwrite to replace it")
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

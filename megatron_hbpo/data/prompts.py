@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_hbpo import atomic
+
 
 class DataError(ValueError):
     """A dataset problem; the message names the file and line or row."""
@@ -106,11 +108,5 @@ def load_prompts(path: str | Path, *, problem_key: str = "problem", answer_key: 
 
 
 def write_jsonl(path: str | Path, rows: list[PromptRow]) -> None:
-    """Write rows atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """Write rows atomically (megatron_hbpo.atomic)."""
+    atomic.write_jsonl(path, (row.to_json() for row in rows))

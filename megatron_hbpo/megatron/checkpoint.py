@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_hbpo.atomic import fsync_dir, write_text
 from megatron_hbpo.megatron.state import unwrap
 
 if TYPE_CHECKING:  # annotations only: the directory helpers need not import the training step
@@ -216,29 +217,6 @@ def _collective_check(error: BaseException | None) -> None:
         raise RuntimeError(f"rank 0 failed while finishing the checkpoint: {box[0]}")
 
 
-def _write_json_atomic(path: Path, text: str) -> None:
-    part = path.with_name(path.name + ".part")
-    with open(part, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # the rename below must not publish a file whose data is still in flight
-    os.replace(part, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; best effort, as some file systems refuse fsync on a directory."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_training_state(policy: MegatronPolicy, directory: str | Path, trainer_state: dict) -> None:
     """Collective: every rank calls it. Writes model, optimizer, LR schedule and `trainer_state`.
 
@@ -273,9 +251,9 @@ def save_training_state(policy: MegatronPolicy, directory: str | Path, trainer_s
         try:
             # trainer_state.json is the completeness marker, hence written last, and the rename is
             # what publishes the directory under a checkpoint's name.
-            _write_json_atomic(tmp / TRAINER_STATE, text)
+            write_text(tmp / TRAINER_STATE, text)
             os.rename(tmp, directory)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         except OSError as e:
             error = e
     _collective_check(error)

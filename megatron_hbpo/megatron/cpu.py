@@ -5,7 +5,7 @@ buffers, hard-codes `device="cuda"` / `.cuda()` in the pipeline schedules and ch
 stream/event/synchronize APIs, and asserts `Tensor.type()` names a `torch.cuda.*` type in grad
 clipping and the distributed optimizer. `enable()` patches exactly those, and only when CUDA is
 absent: on a GPU machine it returns False and touches nothing, so GPU code paths never see it.
-Which Megatron calls need which shim was measured in ../shared/ENVIRONMENT.md.
+Which Megatron calls need which shim is in docs/environment.md. `runtime.configure()` calls `enable()`.
 """
 
 from __future__ import annotations

@@ -14,11 +14,15 @@ from megatron_hbpo.megatron import cpu
 def initialize(parallel: ParallelConfig, seed: int) -> None:
     """Start the default group (torchrun's env:// or a world of one) and Megatron's model-parallel groups.
 
-    Call after the recipe has been validated: this is where the process group starts.
+    Call after the recipe has been validated (this is where the process group starts) and after
+    `runtime.configure()` (which installs the CPU shims where there is no CUDA).
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    on_cpu = cpu.enable()
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and not cpu.is_enabled():
+        raise RuntimeError("Megatron on CPU needs the CPU shims: call megatron_hbpo.runtime.configure() at the "
+                           "start of the program, before parallel.initialize")
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")

@@ -1,17 +1,18 @@
-"""The HBPO update as a Megatron training step.
+"""The policy update as a Megatron training step, with the loss handed in.
 
 `MegatronPolicy` owns the model chunks (Megatron DDP around a GPTModel stage), the Megatron
 optimizer (distributed optimizer by default, fp32 master weights for bf16 params) and its LR
 schedule. Per rollout batch the trainer calls:
 
-    logprobs(sequences)        forward only, no grad: logp_old (and the mismatch metric)
-    train_step(mini_batch)     forward_backward_func over dynamic micro-batches + optimizer step
+    logprobs(sequences, temperature=T)   forward only, no grad: logp_old (and the mismatch metric)
+    train_step(mini_batch, loss_fn)      forward_backward_func over dynamic micro-batches + optimizer step
 
-The loss function hands Megatron (sum of per-token losses, response-token count); with
-`calculate_per_token_loss` Megatron all-reduces the count over micro-batches, pipeline stages and
-data-parallel ranks and divides the gradients by it: the spec's global token-mean. Before the
-optimizer sees the gradients, every rank checks loss and gradients for NaN/inf and all ranks stop
-together with an error that names the micro-batch or parameter.
+`loss_fn` is an `algo.loss.PolicyLoss` (HBPO/GRPO's clipped loss, the warm-up's SFT loss, ...). It
+hands Megatron (loss sum, normaliser) per micro-batch; with `calculate_per_token_loss` Megatron
+all-reduces the normaliser over micro-batches, pipeline stages and data-parallel ranks and divides
+the gradients by it (for a token-mean loss: the global token count). Before the optimizer sees the
+gradients, every rank checks loss and gradients for NaN/inf and all ranks stop together with an
+error that names the micro-batch or parameter.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from megatron_hbpo.algo.loss import PolicyLossOutput, clipped_policy_loss
-from megatron_hbpo.algo.mismatch import truncated_importance_weights
-from megatron_hbpo.config import ConfigError, Recipe
+from megatron_hbpo.algo.loss import PolicyLoss
+from megatron_hbpo.config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_hbpo.megatron.batching import MicroBatch, PolicySequence, collate, gather_response, padding_fraction, \
     plan_microbatches
 from megatron_hbpo.megatron.logprobs import token_logprobs
@@ -44,13 +44,12 @@ class NonFiniteError(FloatingPointError):
 
 
 @dataclass
-class StepMetrics:
-    loss: float  # token-mean HBPO loss of the mini-batch (all ranks)
-    response_tokens: int
-    clip_fraction: float
-    dual_clip_fraction: float
-    kl: float  # mean per-token KL estimate (0 without a reference)
-    entropy: float  # mean per-token entropy of the policy
+class TrainStepResult:
+    """One optimizer step's statistics, over all ranks of the mini-batch."""
+
+    loss: float  # sum of the loss over the mini-batch / its normaliser
+    response_tokens: int  # trained tokens (the response mask)
+    metrics: dict[str, float]  # the loss's metric sums and the entropy, per trained token
     grad_norm: float
     lr: float
     padding_fraction: float  # this rank's padded share of computed token slots
@@ -61,42 +60,43 @@ class StepMetrics:
 class MegatronPolicy:
     """The policy's Megatron side. Requires `megatron.parallel.initialize` to have run."""
 
-    def __init__(self, recipe: Recipe, hf_config: Any, *, optimizer_steps: int | None = None):
+    def __init__(self, hf_config: Any, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, *,
+                 micro_batch_tokens: int, optimizer_steps: int):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer.module import Float16Module
 
-        if recipe.parallel.context_parallel_size > 1:
-            raise ConfigError("parallel.context_parallel_size: the HBPO training step does not split sequences "
+        if parallel.context_parallel_size > 1:
+            raise ConfigError("parallel.context_parallel_size: the training step does not split sequences "
                               "over context-parallel ranks yet; set it to 1")
-        self.recipe = recipe
+        self.micro_batch_tokens = micro_batch_tokens
         self.vocab_size = hf_config.vocab_size
         self.pad_token_id = int(getattr(hf_config, "pad_token_id", None) or 0)
-        self.pipeline_parallel = recipe.parallel.pipeline_model_parallel_size > 1
+        self.pipeline_parallel = parallel.pipeline_model_parallel_size > 1
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
-        gpt = build_gpt_model(hf_config, recipe.model, recipe.parallel,
+        gpt = build_gpt_model(hf_config, model, parallel,
                               pre_process=parallel_state.is_pipeline_first_stage(), post_process=self.is_last_stage,
                               variable_seq_lengths=self.pipeline_parallel)
         config = gpt.config
         self.config = config
         module = Float16Module(config, gpt) if config.bf16 else gpt
-        opt = recipe.optimizer
+        opt = optimizer
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=opt.use_distributed_optimizer,
             check_for_nan_in_grad=False,  # checked below, with parameter names and on all ranks at once
         )
         self.model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-                            adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-                            clip_grad=opt.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
-                            use_distributed_optimizer=opt.use_distributed_optimizer),
+            MegatronOptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                                    adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+                                    clip_grad=opt.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
+                                    use_distributed_optimizer=opt.use_distributed_optimizer),
             self.model,
         )
-        total = optimizer_steps or recipe.train.total_steps * (recipe.train.prompts_per_step
-                                                               // recipe.train.mini_batch_prompts)
+        total = optimizer_steps
         warmup = opt.lr_warmup_steps if opt.lr_schedule != "constant" else 0
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if warmup else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
@@ -120,7 +120,7 @@ class MegatronPolicy:
 
     def _micro_batches(self, sequences: list[PolicySequence]) -> tuple[list[MicroBatch], float]:
         lengths = [len(seq.tokens) for seq in sequences]
-        plan = plan_microbatches(lengths, self.recipe.train.micro_batch_tokens)
+        plan = plan_microbatches(lengths, self.micro_batch_tokens)
         batches = [collate(sequences, indices, pad_token_id=self.pad_token_id).to(_device()) for indices in plan]
         return batches, padding_fraction(lengths, plan)
 
@@ -139,10 +139,10 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def logprobs(self, sequences: list[PolicySequence]) -> list[torch.Tensor]:
-        """log p of each sequence's response tokens under the current weights, on every rank (CPU fp32)."""
+    def logprobs(self, sequences: list[PolicySequence], *, temperature: float) -> list[torch.Tensor]:
+        """log p of each sequence's response tokens under the current weights at `temperature` (the
+        rollout engine's, so both describe the same distribution), on every rank (CPU fp32)."""
         batches, _ = self._micro_batches(sequences)
-        temperature = self.recipe.rollout.temperature
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logp, _ = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size, temperature=temperature)
@@ -176,62 +176,40 @@ class MegatronPolicy:
 
     # -- the update --------------------------------------------------------------------------------
 
-    def forward_backward(self, sequences: list[PolicySequence], *, objective: str = "policy"
-                         ) -> tuple[torch.Tensor, float, int]:
-        """Gradients of the mini-batch's token-mean loss, reduced over DP; no optimizer step.
+    def forward_backward(self, sequences: list[PolicySequence], loss_fn: PolicyLoss
+                         ) -> tuple[dict[str, float], float, int]:
+        """Gradients of the mini-batch's loss, reduced over DP; no optimizer step.
 
-        objective: "policy" (the HBPO/GRPO clipped surrogate; needs logp_old) or "sft" (negative
-        log-likelihood of the response tokens: the supervised warm-up, same stack and token-mean).
-        Returns (sums [loss, tokens, clipped, dual-clipped, kl, entropy] over all ranks, this rank's
-        padding fraction, number of micro-batches).
+        Returns (sums over all ranks: "loss", "normalizer", "tokens", "entropy" and the loss's metrics;
+        this rank's padding fraction; number of micro-batches).
         """
-        if objective not in ("policy", "sft"):
-            raise ValueError(f"objective must be 'policy' or 'sft', got {objective!r}")
-        if objective == "policy" and any(seq.logp_old is None for seq in sequences):
+        if loss_fn.needs_logp_old and any(seq.logp_old is None for seq in sequences):
             raise ValueError("every sequence needs logp_old (from MegatronPolicy.logprobs) before training")
         batches, padding = self._micro_batches(sequences)
-        algo, temperature = self.recipe.algo, self.recipe.rollout.temperature
+        # Fixed names and order on every rank: stages without the loss add zeros to the same all-reduce.
+        names = ["loss", "normalizer", "tokens", *loss_fn.metric_names, "entropy"]
         self._bad_micro_batches = []
-
-        def policy_loss(batch: MicroBatch, logp: torch.Tensor):
-            weights = None
-            if algo.tis_cap is not None and batch.logp_rollout is not None:
-                weights = truncated_importance_weights(batch.logp_old, batch.logp_rollout, cap=algo.tis_cap)
-            return clipped_policy_loss(
-                logp, batch.logp_old, batch.advantages, batch.response_mask, clip_eps_low=algo.clip_eps_low,
-                clip_eps_high=algo.clip_eps_high, dual_clip_c=algo.dual_clip_c, logp_ref=batch.logp_ref,
-                kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, importance_weights=weights,
-            )
-
-        def sft_loss(batch: MicroBatch, logp: torch.Tensor):
-            zero = torch.zeros((), device=logp.device)
-            mask = batch.response_mask
-            return PolicyLossOutput(loss_sum=-(logp * mask).sum(), num_tokens=mask.sum(), clipped_tokens=zero,
-                                    dual_clipped_tokens=zero, kl_sum=zero)
-
-        objective_loss = policy_loss if objective == "policy" else sft_loss
-        # SFT learns the data's distribution, so its log-probs are at temperature 1.
-        loss_temperature = temperature if objective == "policy" else 1.0
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logp, entropy = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size,
-                                           temperature=loss_temperature, with_entropy=True)
-            out = objective_loss(batch, logp)
+                                           temperature=loss_fn.temperature, with_entropy=True)
+            out = loss_fn(logp, batch)
             if not torch.isfinite(out.loss_sum.detach()):
                 self._bad_micro_batches.append(
                     f"the loss of the micro-batch holding sequences {batch.indices} of this rank")
             entropy_sum = torch.where(batch.response_mask, entropy, torch.zeros_like(entropy)).sum()
-            stats = torch.stack([out.loss_sum.detach(), out.num_tokens.float(), out.clipped_tokens.float(),
-                                 out.dual_clipped_tokens.float(), out.kl_sum.float(), entropy_sum]).cpu()
-            return out.loss_sum, out.num_tokens.int(), {"stats": stats}
+            values = {"loss": out.loss_sum.detach(), "normalizer": out.normalizer, "tokens": batch.response_mask.sum(),
+                      **out.metrics, "entropy": entropy_sum}
+            stats = torch.stack([values[name].float() for name in names]).cpu()
+            return out.loss_sum, out.normalizer.int(), {"stats": stats}
 
         for model in self.model:
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batches, loss_func, forward_only=False)
         local = torch.stack([o["stats"] for o in outputs]).sum(0) if self.is_last_stage and outputs \
-            else torch.zeros(6)
-        return self._sum_over_ranks(local), padding, len(batches)
+            else torch.zeros(len(names))
+        return dict(zip(names, self._sum_over_ranks(local).tolist())), padding, len(batches)
 
     def _sum_over_ranks(self, local: torch.Tensor) -> torch.Tensor:
         """Sum over the DP ranks of the last pipeline stage, visible on every rank."""
@@ -264,19 +242,18 @@ class MegatronPolicy:
                                  "not taken and the weights are unchanged")
         finalize_model_grads(model, num_tokens, **kwargs)
 
-    def train_step(self, sequences: list[PolicySequence], *, objective: str = "policy") -> StepMetrics:
-        """One optimizer step on a mini-batch (this rank's share of it); see forward_backward."""
+    def train_step(self, sequences: list[PolicySequence], loss_fn: PolicyLoss) -> TrainStepResult:
+        """One optimizer step on a mini-batch (this rank's share of it) with `loss_fn`; see forward_backward."""
         start = time.perf_counter()
-        sums, padding, micro_batches = self.forward_backward(sequences, objective=objective)
+        sums, padding, micro_batches = self.forward_backward(sequences, loss_fn)
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
             raise NonFiniteError("the optimizer skipped its step (non-finite gradients after loss scaling)")
         self.scheduler.step(increment=1)
-        loss_sum, tokens, clipped, dual, kl_sum, entropy_sum = sums.tolist()
-        tokens_safe = max(tokens, 1.0)
-        return StepMetrics(
-            loss=loss_sum / tokens_safe, response_tokens=int(tokens), clip_fraction=clipped / tokens_safe,
-            dual_clip_fraction=dual / tokens_safe, kl=kl_sum / tokens_safe, entropy=entropy_sum / tokens_safe,
+        tokens = max(sums["tokens"], 1.0)
+        return TrainStepResult(
+            loss=sums["loss"] / max(sums["normalizer"], 1.0), response_tokens=int(sums["tokens"]),
+            metrics={name: sums[name] / tokens for name in (*loss_fn.metric_names, "entropy")},
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
             lr=self.optimizer.param_groups[0]["lr"], padding_fraction=padding, micro_batches=micro_batches,
             seconds=time.perf_counter() - start,

@@ -6,7 +6,7 @@ The trainer only talks to this protocol, so the algorithm never depends on which
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -51,10 +51,11 @@ class Sample:
 
     @property
     def length(self) -> int:
-        """L of the reward (HBPO_SPEC.md s2): generated tokens, eos excluded, budget prefix never counted."""
+        """L of the reward (docs/method.md): generated tokens, eos excluded, budget prefix never counted."""
         return len(self.response_ids) - int(self.ended_with_eos)
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, requests: list[Request]) -> list[Sample]:
         """Samples grouped by request, in request order (n per request)."""

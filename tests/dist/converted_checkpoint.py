@@ -4,7 +4,8 @@
 
 Checks that the Megatron policy loaded from CKPT gives transformers' log-probs on the original HF
 model (fp32), and that the export stream (the refit source) yields exactly the original HF tensors,
-in the same order on every call, holding at most one bucket plus one tensor. Exits non-zero on failure.
+in the same order on every call, holding at most one bucket plus one tensor. Each rank reports its
+measurements and the failed checks (tests/dist/common.write_report).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from common import write_report
+
+from megatron_hbpo import runtime
 from megatron_hbpo.config import ClusterConfig, ParallelConfig, Recipe, TrainConfig, validate
 from megatron_hbpo.convert.export import HFExportStream
 from megatron_hbpo.convert.hf_io import HFCheckpoint
@@ -45,15 +49,17 @@ def main() -> int:
     args = parser.parse_args()
 
     hf_config = AutoConfig.from_pretrained(args.hf_dir)
+    runtime.configure()
     parallel.initialize(PARALLEL[args.mode], seed=5)  # a different seed: every weight must come from the file
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     recipe = Recipe(name="converted", model=model_config_from_hf(hf_config, params_dtype="fp32", transformer_impl="local"),
                     parallel=PARALLEL[args.mode], cluster=ClusterConfig(gpus_per_node=world),
                     train=TrainConfig(prompts_per_step=1, mini_batch_prompts=1, micro_batch_tokens=128, total_steps=1))
     recipe.rollout.max_prompt_length, recipe.rollout.max_response_length, recipe.algo.budgets = 32, 96, [32]
     recipe.rollout.n_rollouts = 1
     validate(recipe, world)
-    policy = MegatronPolicy(recipe, hf_config)
+    policy = MegatronPolicy(hf_config, recipe.model, recipe.parallel, recipe.optimizer,
+                            micro_batch_tokens=recipe.train.micro_batch_tokens, optimizer_steps=1)
     load_weights(policy.model[0], f"{args.ckpt}/megatron")
     failures = []
 
@@ -72,7 +78,7 @@ def main() -> int:
         g = torch.Generator().manual_seed(0)
         sequences = [PolicySequence(torch.randint(0, hf_config.vocab_size, (n,), generator=g).tolist(), p)
                      for n, p in [(30, 5), (12, 3), (45, 9)]]
-    logp = policy.logprobs(sequences)
+    logp = policy.logprobs(sequences, temperature=1.0)
     reference = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
     diffs = []
     with torch.no_grad():
@@ -82,8 +88,7 @@ def main() -> int:
             want = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)[seq.prompt_length - 1:]
             diffs.append((got - want).abs())
     worst, mean = float(torch.cat(diffs).max()), float(torch.cat(diffs).mean())
-    print(f"rank {rank} {args.mode}: max |logp - transformers| {worst:.1e} (mean {mean:.1e} over "
-          f"{sum(len(d) for d in diffs)} response tokens)", flush=True)
+    report = {"logp_max_diff": worst, "logp_mean_diff": mean, "response_tokens": sum(len(d) for d in diffs)}
     if worst > args.tolerance:
         failures.append(f"log-probs differ from transformers by {worst:.2e}")
 
@@ -99,8 +104,7 @@ def main() -> int:
                 if name not in original or not torch.equal(tensor.cpu(), original[name]):
                     failures.append(f"export stream tensor {name} differs from the HF original")
         orders.append(names)
-    print(f"rank {rank} {args.mode}: exported {len(orders[0])} tensors, peak {stream.peak_bytes} bytes "
-          f"(bucket {BUCKET_BYTES} + largest tensor {stream.max_tensor_bytes})", flush=True)
+    report.update(exported=len(orders[0]), peak_bytes=stream.peak_bytes, max_tensor_bytes=stream.max_tensor_bytes)
     if sorted(orders[0]) != sorted(original):
         failures.append(f"export stream names {sorted(set(original) ^ set(orders[0]))} differ from the HF checkpoint")
     if orders[0] != orders[1]:
@@ -113,9 +117,8 @@ def main() -> int:
 
     dist.barrier()
     dist.destroy_process_group()
-    for failure in failures:
-        print(f"rank {rank} FAIL: {failure}", flush=True)
-    return 1 if failures else 0
+    write_report({**report, "failures": failures})
+    return 0
 
 
 if __name__ == "__main__":

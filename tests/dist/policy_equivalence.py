@@ -4,10 +4,11 @@
     torchrun --nproc-per-node 2 policy_equivalence.py --mode tp|pp|dp|dp_distopt --ref REF.pt
 
 For a tiny Qwen2-shaped model (GQA, q/k/v bias, untied) and a tiny Llama-shaped one (MHA, tied
-embeddings, Llama-3 rope scaling), the parallel run loads the reference weights and must reproduce
-the reference's response log-probs, token-mean loss, gradients (gathered to full tensors) and the
-weights after one optimizer step. In dp mode the ranks hold uneven shares of the sequences, and a
-NaN advantage on one rank must stop both ranks before the optimizer step. Exits non-zero on failure.
+embeddings, Llama-3 rope scaling), the parallel run loads the reference weights; each rank reports
+(tests/dist/common.write_report) how far its response log-probs, token-mean loss, gradients
+(gathered to full tensors) and weights after one optimizer step are from the reference. In dp mode
+the ranks hold uneven shares of the sequences, and a NaN advantage on one rank must stop both
+ranks before the optimizer step. tests/megatron/test_megatron_policy.py asserts on the reports.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ import sys
 import torch
 import torch.distributed as dist
 
+from common import policy_from_recipe, write_report
+
+from megatron_hbpo import runtime
+from megatron_hbpo.algo.loss import ClippedLoss
 from megatron_hbpo.config import ClusterConfig, ModelConfig, ParallelConfig, Recipe, TrainConfig, validate
 from megatron_hbpo.megatron import parallel
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.megatron.model import hf_config_from_recipe
 from megatron_hbpo.megatron.state import iter_full_tensors
-from megatron_hbpo.megatron.train_step import MegatronPolicy, NonFiniteError
+from megatron_hbpo.megatron.train_step import NonFiniteError
 
 VOCAB = 100
 TOL = 2e-6  # fp32, different reduction orders
-TOL_STEP = 1e-6  # weights after one Adam step (see adam_eps below)
+LOSS = ClippedLoss(temperature=1.0)
 
 MODELS = {
     "qwen2": dict(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -76,37 +81,36 @@ def make_sequences() -> list[PolicySequence]:
 
 
 def reference(out_path: str) -> int:
+    runtime.configure()
     parallel.initialize(ParallelConfig(), seed=1234)
-    result = {}
+    result, report = {}, {}
     for family in MODELS:
         recipe = recipe_for(family, "ref", 1)
-        policy = MegatronPolicy(recipe, hf_config_from_recipe(recipe.model))
+        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
         weights0 = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
         sequences = make_sequences()
-        logp = policy.logprobs(sequences)
+        logp = policy.logprobs(sequences, temperature=1.0)
         g = torch.Generator().manual_seed(11)
         # Rollout log-probs a little off the trainer's, so that some ratios are clipped.
         logp_old = [x + 0.3 * torch.randn(x.shape, generator=g) for x in logp]
         for seq, old in zip(sequences, logp_old):
             seq.logp_old = old
-        sums, _, _ = policy.forward_backward(sequences)
+        sums, _, _ = policy.forward_backward(sequences, LOSS)
         grads = {name: t.clone() for name, t in iter_full_tensors(policy.model[0], grads=True)}
         # The same mini-batch in one micro-batch instead of several: the same token-mean gradient.
-        recipe.train.micro_batch_tokens = 1000
-        _, _, single = policy.forward_backward(sequences)
-        recipe.train.micro_batch_tokens = 80
+        policy.micro_batch_tokens = 1000
+        _, _, single = policy.forward_backward(sequences, LOSS)
+        policy.micro_batch_tokens = recipe.train.micro_batch_tokens
         split_diff = max(float((t - grads[name]).abs().max()) for name, t in iter_full_tensors(policy.model[0], grads=True))
-        print(f"ref {family}: 1 vs several micro-batches ({single}) max |grad diff| {split_diff:.1e}", flush=True)
-        if single != 1 or split_diff > TOL:
-            print(f"FAIL: gradients depend on the micro-batch split ({split_diff:.2e})", flush=True)
-            return 1
         policy.optimizer.step()
         weights1 = dict(iter_full_tensors(policy.model[0]))
-        result[family] = dict(weights0=weights0, logp=logp, logp_old=logp_old, loss=sums[0] / sums[1],
-                              clipped=sums[2], grads=grads, weights1=weights1)
-        print(f"ref {family}: loss {float(sums[0] / sums[1]):.6f} over {int(sums[1])} tokens, "
-              f"{int(sums[2])} clipped", flush=True)
+        loss = sums["loss"] / sums["normalizer"]
+        result[family] = dict(weights0=weights0, logp=logp, logp_old=logp_old, loss=loss,
+                              clipped=sums["clip_fraction"], grads=grads, weights1=weights1)
+        report[family] = {"single_micro_batches": single, "split_grad_diff": split_diff, "loss": loss,
+                          "tokens": sums["tokens"], "clipped": sums["clip_fraction"]}
     torch.save(result, out_path)
+    write_report(report)
     return 0
 
 
@@ -121,13 +125,14 @@ def max_diff(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check(mode: str, ref_path: str) -> int:
     ref = torch.load(ref_path)
+    runtime.configure()
     parallel.initialize(PARALLEL[mode], seed=1234)
     rank, world = dist.get_rank(), dist.get_world_size()
-    failures = []
+    report: dict = {}
     for family in MODELS:
         recipe = recipe_for(family, mode, world)
         expected = ref[family]
-        policy = MegatronPolicy(recipe, hf_config_from_recipe(recipe.model))
+        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
         policy.load_full_state(lambda name: expected["weights0"][name])
         sequences = make_sequences()
         mine = list(range(len(sequences)))
@@ -135,66 +140,43 @@ def check(mode: str, ref_path: str) -> int:
             mine = [0, 4] if rank == 0 else [1, 2, 3, 5, 6]
         sequences = [sequences[i] for i in mine]
 
-        logp = policy.logprobs(sequences)
-        worst = max(float((a - expected["logp"][i]).abs().max()) for a, i in zip(logp, mine))
-        report = [f"logp {worst:.1e}"]
-        if worst > TOL:
-            failures.append(f"{family} logp differs by {worst:.2e}")
+        logp = policy.logprobs(sequences, temperature=1.0)
+        got: dict = {"logp_diff": max(float((a - expected["logp"][i]).abs().max()) for a, i in zip(logp, mine))}
         for seq, i in zip(sequences, mine):
             seq.logp_old = expected["logp_old"][i]
-
-        sums, padding, micro_batches = policy.forward_backward(sequences)
-        loss_diff = abs(float(sums[0] / sums[1] - expected["loss"]))
-        report.append(f"loss {loss_diff:.1e}")
-        if loss_diff > TOL or int(sums[2]) != int(expected["clipped"]):
-            failures.append(f"{family} loss differs by {loss_diff:.2e} (clipped {int(sums[2])} vs "
-                            f"{int(expected['clipped'])})")
+        sums, padding, micro_batches = policy.forward_backward(sequences, LOSS)
+        got.update(loss_diff=abs(float(sums["loss"] / sums["normalizer"] - expected["loss"])),
+                   clipped=sums["clip_fraction"], expected_clipped=expected["clipped"], micro_batches=micro_batches,
+                   padding=padding)
         if not recipe.optimizer.use_distributed_optimizer:  # its grads are reduce-scattered shards
-            grad_diff = max(max_diff(name, grad, expected["grads"][name])
-                            for name, grad in iter_full_tensors(policy.model[0], grads=True))
-            report.append(f"grads {grad_diff:.1e}")
-            if grad_diff > TOL:
-                failures.append(f"{family} gradients differ by {grad_diff:.2e}")
+            got["grad_diff"] = max(max_diff(name, grad, expected["grads"][name])
+                                   for name, grad in iter_full_tensors(policy.model[0], grads=True))
         policy.optimizer.step()
-        step_diff = max(max_diff(name, weight, expected["weights1"][name])
-                        for name, weight in iter_full_tensors(policy.model[0]))
-        report.append(f"weights after step {step_diff:.1e}")
-        if step_diff > TOL_STEP:
-            failures.append(f"{family} weights after the optimizer step differ by {step_diff:.2e}")
-        print(f"rank {rank} {mode} {family}: max |diff| " + ", ".join(report) +
-              f"; {micro_batches} micro-batches, padding {padding:.2f}", flush=True)
-
+        got["step_diff"] = max(max_diff(name, weight, expected["weights1"][name])
+                               for name, weight in iter_full_tensors(policy.model[0]))
         if mode == "dp":
-            failures += check_nonfinite_stops_the_step(policy, sequences, rank)
+            got["nonfinite"] = check_nonfinite_stops_the_step(policy, sequences, rank)
+        report[family] = got
     dist.barrier()
     dist.destroy_process_group()
-    for failure in failures:
-        print(f"rank {rank} FAIL: {failure}", flush=True)
-    return 1 if failures else 0
+    write_report(report)
+    return 0
 
 
-def check_nonfinite_stops_the_step(policy: MegatronPolicy, sequences: list[PolicySequence], rank: int) -> list[str]:
+def check_nonfinite_stops_the_step(policy, sequences: list[PolicySequence], rank: int) -> dict:
+    """A NaN advantage on rank 1: the step must raise on both ranks and leave the weights alone."""
     before = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
     if rank == 1:
         sequences[-1].advantage = float("nan")
+    message = None
     try:
-        policy.train_step(sequences)
+        policy.train_step(sequences, LOSS)
     except NonFiniteError as error:
         message = str(error)
-    else:
-        return ["a NaN advantage did not stop the step"]
     finally:
         sequences[-1].advantage = 0.0
-    expected = "micro-batch holding sequences" if rank == 1 else "another rank"
-    print(f"rank {rank} NaN check: {message}", flush=True)
     after = dict(iter_full_tensors(policy.model[0]))
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    problems = []
-    if expected not in message:
-        problems.append(f"the NaN error does not say where: {message}")
-    if changed:
-        problems.append(f"weights changed despite the NaN: {changed[:3]}")
-    return problems
+    return {"message": message, "changed": [name for name in before if not torch.equal(before[name], after[name])]}
 
 
 def main() -> int:

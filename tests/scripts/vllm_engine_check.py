@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_hbpo import runtime
+from megatron_hbpo.algo.loss import ClippedLoss
 from megatron_hbpo.config import ClusterConfig, ParallelConfig, Recipe, TrainConfig, validate
 from megatron_hbpo.convert.export import HFExportStream
 from megatron_hbpo.convert.hf_io import HFCheckpoint, copy_side_files, write_safetensors
@@ -45,7 +47,8 @@ def main() -> int:
     work = Path(args.work)
     failures = []
 
-    # Order matters: CPU shims and Megatron's process group first, then vLLM (ENVIRONMENT.md).
+    # Order matters: CPU shims and Megatron's process group first, then vLLM (docs/environment.md).
+    runtime.configure()
     parallel.initialize(ParallelConfig(), seed=0)
     source = HFCheckpoint(args.model)
     hf_config = source.config
@@ -57,7 +60,9 @@ def main() -> int:
     recipe.rollout.temperature, recipe.algo.budgets, recipe.rollout.n_rollouts = TEMPERATURE, [16], 4
     recipe.optimizer.lr = 3e-3
     validate(recipe, 1)
-    policy = MegatronPolicy(recipe, hf_config)
+    policy = MegatronPolicy(hf_config, recipe.model, recipe.parallel, recipe.optimizer, micro_batch_tokens=1024,
+                            optimizer_steps=3)
+    loss = ClippedLoss(temperature=TEMPERATURE)
     state = hf_to_megatron({name: source.get(name) for name in source.weight_map}, hf_config,
                            padded_vocab_size(hf_config.vocab_size, 1, recipe.model.make_vocab_size_divisible_by))
     policy.load_full_state(state.__getitem__)
@@ -73,7 +78,7 @@ def main() -> int:
         samples = engine.generate([Request(p, n=4, budget=None, sampling=sampling, group_id=i)
                                    for i, p in enumerate(prompts)])
         sequences = [PolicySequence(s.prompt_ids + s.response_ids, len(s.prompt_ids)) for s in samples]
-        train = policy.logprobs(sequences)
+        train = policy.logprobs(sequences, temperature=TEMPERATURE)
         stats = logprob_mismatch(torch.cat([s.logprobs for s in samples]), torch.cat(train))
         print(f"{tag}: |logp vLLM - Megatron| mean {stats['mean_abs']:.2e} max {stats['max_abs']:.2e} over "
               f"{stats['tokens']} tokens", flush=True)
@@ -88,10 +93,10 @@ def main() -> int:
     # A training step changes the Megatron weights; the engine keeps the old ones until the refit.
     sequences = [PolicySequence(s.prompt_ids + s.response_ids, len(s.prompt_ids), advantage=float(i % 3 - 1))
                  for i, s in enumerate(samples)]
-    for seq, logp in zip(sequences, policy.logprobs(sequences)):
+    for seq, logp in zip(sequences, policy.logprobs(sequences, temperature=TEMPERATURE)):
         seq.logp_old = logp
     for _ in range(3):
-        policy.train_step(sequences)
+        policy.train_step(sequences, loss)
     stale_stats, _ = sample_and_compare("after training, before refit")
     long_prompt = tokenizer("The quick brown fox jumps over the lazy dog. " * 8)["input_ids"]
     greedy = SamplingSettings(temperature=0.0, max_tokens=24)

@@ -3,13 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_hbpo.data.prompts import DataError, load_prompts
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare(*args):

@@ -6,14 +6,13 @@ import random
 
 import pytest
 
-from megatron_hbpo.algo.budgets import build_prompt
 from megatron_hbpo.algo.verify import extract_final_answer
-from megatron_hbpo.config import load_recipe
+from megatron_hbpo.config import DataConfig, load_recipe
+from megatron_hbpo.data.chat import PromptBuilder, PromptFormat
 from megatron_hbpo.data.prompts import DataError
-from megatron_hbpo.data.source import PromptSource, synthetic_eval_set
+from megatron_hbpo.data.source import PromptSource, eval_set
 from megatron_hbpo.data.synthetic import STEP_TOKENS, STYLES, VERBOSE_TOKENS, Problem, make_problem, response_text, style_mix_sample, \
     task_tokenizer
-from megatron_hbpo.evaluate import EvalRecord, aggregate, format_table
 
 RECIPE = "recipes/tiny_cpu.yaml"
 
@@ -82,7 +81,7 @@ def test_sloppy_additions_are_caught_only_by_the_checked_styles():
 
 
 def test_tokenizer_round_trips_and_keeps_one_token_per_symbol(tokenizer):
-    prompt = build_prompt(tokenizer, "last digit of a2+b9+c1", 48)
+    prompt = PromptBuilder(tokenizer, PromptFormat(template="{problem}")).text("last digit of a2+b9+c1", "budget:48")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == prompt
     tokens = tokenizer.convert_ids_to_tokens(ids)
@@ -104,8 +103,8 @@ def test_style_mix_sampling_follows_the_shares():
 
 def test_prompt_stream_is_a_function_of_the_step(tmp_path):
     recipe = load_recipe(RECIPE)
-    source = PromptSource(recipe)
-    assert source.batch(3, 16) == PromptSource(recipe).batch(3, 16)
+    source = PromptSource(recipe.data, recipe.train.seed)
+    assert source.batch(3, 16) == PromptSource(recipe.data, recipe.train.seed).batch(3, 16)
     assert source.batch(3, 16) != source.batch(4, 16)
     assert {p.level for p in source.batch(0, 200)} == {"1", "2", "3", "4"}
     # Files: epochs are fresh permutations, every row once per epoch.
@@ -114,7 +113,7 @@ def test_prompt_stream_is_a_function_of_the_step(tmp_path):
     files = load_recipe(RECIPE, ["data.source=files", f"data.train_files=[{data}]", "warmup.steps=0",
                                  "model.tokenizer_path=unused",
                                  "eval.before_after=false"])
-    stream = PromptSource(files)
+    stream = PromptSource(files.data, files.train.seed)
     epoch0 = stream.batch(0, 5) + stream.batch(1, 5)
     epoch1 = stream.batch(2, 5) + stream.batch(3, 5)
     assert sorted(p.answer for p in epoch0) == sorted(str(i) for i in range(10)) == sorted(p.answer for p in epoch1)
@@ -127,46 +126,13 @@ def test_bad_rows_fail_or_are_skipped_and_counted(tmp_path):
     base = ["data.source=files", f"data.train_files=[{data}]", "warmup.steps=0", "model.tokenizer_path=unused",
             "eval.before_after=false"]
     with pytest.raises(DataError, match=rf"{data}:2: missing or empty 'problem'"):
-        PromptSource(load_recipe(RECIPE, base))
-    source = PromptSource(load_recipe(RECIPE, base + ["data.skip_bad_rows=true"]), log=lambda _: None)
+        PromptSource(load_recipe(RECIPE, base).data, 0)
+    source = PromptSource(load_recipe(RECIPE, base + ["data.skip_bad_rows=true"]).data, 0, log=lambda _: None)
     assert source.skipped == 1 and len(source.rows) == 1
 
 
 def test_eval_set_is_fixed_and_balanced():
-    problems = synthetic_eval_set([1, 2, 3], 5, seed=7)
-    assert problems == synthetic_eval_set([1, 2, 3], 5, seed=7)
+    data = DataConfig(source="synthetic", synthetic_levels=[1, 2, 3])
+    problems = eval_set(data, 5, seed=7)
+    assert problems == eval_set(data, 5, seed=7)
     assert [p.level for p in problems] == ["1"] * 5 + ["2"] * 5 + ["3"] * 5
-
-
-def test_aggregate_by_mode_and_level():
-    records = [EvalRecord("natural", "1", True, 10, False), EvalRecord("natural", "1", False, 30, False),
-               EvalRecord("natural", "2", True, 50, False), EvalRecord("16", "1", True, 4, False),
-               EvalRecord("16", "2", False, 96, True)]
-    table = aggregate(records)
-    assert list(table) == ["natural", "16"]
-    assert table["natural"]["1"] == {"accuracy": 0.5, "mean_tokens": 20.0, "truncation_rate": 0.0, "samples": 2}
-    assert table["natural"]["all"]["accuracy"] == pytest.approx(2 / 3)
-    assert table["16"]["2"]["truncation_rate"] == 1.0
-    text = format_table(table)
-    assert "| natural | 50.0% / 20.0 | 100.0% / 50.0 | 66.7% / 30.0 |" in text
-
-
-def test_comparison_table_of_run_summaries(tmp_path):
-    from megatron_hbpo.report import comparison_table, main, plot_summary
-
-    def summary(before: float, after: float) -> dict:
-        cell = {"before": {"accuracy": before, "mean_tokens": 50.0}, "after": {"accuracy": after, "mean_tokens": 12.5}}
-        return {"recipe": "x", "levels": {"1": cell, "all": cell}, "budgets": {"16": {"1": cell}}}
-
-    text = comparison_table({"hbpo": summary(0.9, 0.95), "grpo": summary(0.9, 0.5)})
-    assert text.splitlines()[2] == "| base | 90.0% / 50.0 | 90.0% / 50.0 |"
-    assert text.splitlines()[4] == "| grpo | 50.0% / 12.5 | 50.0% / 12.5 |"
-    grpo_without_budgets = dict(summary(0.9, 0.5), budgets={})
-    by_budget = comparison_table({"hbpo": summary(0.9, 0.95), "grpo": grpo_without_budgets}, mode="16")
-    assert by_budget.splitlines()[3:] == ["| hbpo | 95.0% / 12.5 |", "| grpo | - |"]
-    run = tmp_path / "hbpo"
-    run.mkdir()
-    (run / "summary.json").write_text(__import__("json").dumps(summary(0.9, 0.95)))
-    assert main([str(run)]) == 0
-    plot_summary(summary(0.9, 0.95), tmp_path / "s.png", baselines={"grpo": summary(0.9, 0.5)})
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from megatron_hbpo.convert.hf_io import HFCheckpoint
+from megatron_hbpo import runtime
 from megatron_hbpo.rollout.engine import Request, SamplingSettings
 from megatron_hbpo.rollout.vllm_engine import VLLMEngine
 
@@ -63,6 +64,7 @@ def main() -> int:
     parser.add_argument("--plain-reload", action="store_true",
                         help="negative control: vLLM's reload_weights alone, without re-tying the output layer")
     args = parser.parse_args()
+    runtime.configure(megatron=False)
     if args.plain_reload:
         from megatron_hbpo.rollout import vllm_engine
 

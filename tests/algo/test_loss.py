@@ -1,4 +1,4 @@
-"""clipped_policy_loss against HBPO_SPEC.md s4, recomputed token by token with Python floats."""
+"""clipped_policy_loss against docs/method.md, recomputed token by token with Python floats."""
 
 import math
 import random

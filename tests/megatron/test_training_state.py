@@ -21,22 +21,24 @@ from megatron_hbpo.megatron.checkpoint import TRAINER_STATE, checkpoint_dir, lis
 
 @pytest.mark.dist
 def test_exact_resume_single_process_with_failure_and_mismatch_checks(tmp_path):
-    proc = run_torchrun("training_state_roundtrip.py", "--dir", str(tmp_path), "checks", nproc=1)
-    for check in ("[checks] OK exact resume", "OK failure checks", "OK mismatch checks"):
-        assert check in proc.stdout
+    [report] = run_torchrun("training_state_roundtrip.py", "--dir", str(tmp_path), "checks", nproc=1).reports
+    assert report["passed"] == ["[checks] OK saved step_0000002", "OK failure checks", "[checks] OK exact resume",
+                                "OK mismatch checks"]
 
 
 @pytest.mark.dist
 def test_exact_resume_two_ranks_and_reshard(tmp_path):
     """DP=2 with the distributed optimizer, then loaded at TP=2 (DP=1); TP=2 with the standard
     optimizer, then loaded at TP=1 (DP=2). Both cases in one torchrun: importing Megatron dominates."""
-    proc = run_torchrun("training_state_roundtrip.py", "--dir", str(tmp_path), "distopt,reshard=2x1",
-                        "tp=2,reshard=1x1", nproc=2)
-    for line in ("[distopt,reshard=2x1] OK exact resume",
-                 "[distopt,reshard=2x1] OK resharded resume (TP, PP) (1, 1) -> (2, 1)",
-                 "[tp=2,reshard=1x1] OK exact resume",
-                 "[tp=2,reshard=1x1] OK resharded resume (TP, PP) (2, 1) -> (1, 1)"):
-        assert line in proc.stdout
+    result = run_torchrun("training_state_roundtrip.py", "--dir", str(tmp_path), "distopt,reshard=2x1",
+                          "tp=2,reshard=1x1", nproc=2)
+    assert len(result.reports) == 2
+    for report in result.reports:  # every rank passed every check of both cases
+        assert report["passed"] == [
+            "[distopt,reshard=2x1] OK saved step_0000002", "[distopt,reshard=2x1] OK exact resume",
+            "[distopt,reshard=2x1] OK resharded resume (TP, PP) (1, 1) -> (2, 1)",
+            "[tp=2,reshard=1x1] OK saved step_0000002", "[tp=2,reshard=1x1] OK exact resume",
+            "[tp=2,reshard=1x1] OK resharded resume (TP, PP) (2, 1) -> (1, 1)"]
 
 
 # -- checkpoint directories (no Megatron) ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""hbpo_reward / binary_reward against HBPO_SPEC.md s2, re-derived in plain Python floats."""
+"""hbpo_reward / binary_reward against docs/method.md, re-derived in plain Python floats."""
 
 import math
 import random
@@ -66,7 +66,7 @@ def test_the_crossover_is_near_321_tokens_for_budget_512():
     got = hbpo_reward(lengths, torch.full_like(lengths, 512.0), torch.ones(512, dtype=torch.bool),
                       torch.ones(512, dtype=torch.bool))
     below = (got < budget_baseline(torch.tensor(512.0, dtype=torch.float64)) - 1e-12).nonzero().max().item() + 1
-    assert 315 <= below <= 325  # HBPO_SPEC.md: "b = 512, L <= ~321"
+    assert 315 <= below <= 325  # docs/method.md: b = 512, L below about 321
 
 
 def test_longer_than_budget_is_penalised_by_f1():

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_hbpo import runtime
 from megatron_hbpo.rollout.engine import Request, SamplingSettings
 from megatron_hbpo.rollout.vllm_engine import VLLMEngine
 
@@ -19,6 +20,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True)
     work = Path(parser.parse_args().work)
+    runtime.configure(megatron=False)
     expected = json.loads((work / "refit_greedy.json").read_text())
     engine = VLLMEngine(work / "refit_hf", seed=0, dtype="float32", max_model_len=512)
     [sample] = engine.generate([Request(expected["prompt"], n=1, budget=None,

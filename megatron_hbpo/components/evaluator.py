@@ -1,0 +1,100 @@
+"""Evaluation during training: the base before the first step, the policy every `eval.interval` steps
+and after the last, through the evaluation stack's harness (evaluation/harness.py).
+
+Each DP rank's engine evaluates a slice of the problems; the records are gathered and every rank
+builds the same results document (the schema of evaluation/metrics.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch.distributed as dist
+
+from megatron_hbpo import atomic
+from megatron_hbpo.config import EvalConfig
+from megatron_hbpo.data.chat import PromptBuilder
+from megatron_hbpo.data.prompts import PromptRow
+from megatron_hbpo.evaluation.harness import generate_and_score
+from megatron_hbpo.evaluation.metrics import results_document
+from megatron_hbpo.evaluation.tables import level_table, results_table
+from megatron_hbpo.rollout.engine import RolloutEngine, SamplingSettings
+from megatron_hbpo.seeding import seed_everything
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, *, problems: Sequence[PromptRow], modes: Sequence[str], benchmark: str,
+                 max_tokens: int, prompts: PromptBuilder, engine: RolloutEngine | None, verifier: Any | None,
+                 think_close: str, run_dir: Path, log: Callable[[str], None] = print):
+        from megatron.core import parallel_state
+
+        self.cfg = cfg
+        self.problems = list(problems)
+        self.modes = list(modes)
+        self.benchmark = benchmark
+        self.max_tokens = max_tokens
+        self.prompts = prompts
+        self.engine = engine
+        self.verifier = verifier
+        self.think_close = think_close
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+    def should_evaluate(self, step: int) -> bool:
+        return bool(self.cfg.interval) and step % self.cfg.interval == 0
+
+    def evaluate(self, label: str) -> dict[str, Any]:
+        """Collective. The results document of the current engine weights; rank 0 writes the samples file."""
+        start = time.perf_counter()
+        mine = self.problems[self.dp_rank::self.dp_size]
+        records = []
+        if self.engine is not None:
+            seed_everything(self.cfg.seed, "eval", label, self.dp_rank)
+            sampling = SamplingSettings(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                        max_tokens=self.max_tokens)
+            self.engine.wake()
+            records = generate_and_score(self.engine, self.prompts, self.verifier, mine, benchmark=self.benchmark,
+                                         modes=self.modes, n=self.cfg.samples_per_problem, sampling=sampling,
+                                         think_close=self.think_close)
+            self.engine.sleep()
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records)
+        all_records = [r for part in gathered for r in part]
+        result = results_document(all_records, label=label,
+                                  settings={"n": self.cfg.samples_per_problem, "temperature": self.cfg.temperature,
+                                            "top_p": self.cfg.top_p, "max_tokens": self.max_tokens,
+                                            "seed": self.cfg.seed})
+        if dist.get_rank() == 0:
+            atomic.write_jsonl(self.run_dir / f"eval_samples_{label.replace(' ', '_')}.jsonl",
+                               (r.to_json() for r in _first_per_group(all_records)))
+        self.log(f"evaluation {label} ({time.perf_counter() - start:.1f} s; accuracy % / mean response tokens):\n"
+                 + (level_table(result) or results_table(result)))
+        return result
+
+    @staticmethod
+    def step_metrics(result: dict[str, Any]) -> dict[str, float]:
+        """Flat metrics of a results document for the step's metrics line: eval_<mode>_<level>/<name>."""
+        out = {}
+        for mode, per_benchmark in result["results"].items():
+            for metrics in per_benchmark.values():
+                for level, m in {**metrics["levels"], "all": metrics["all"]}.items():
+                    out.update({f"eval_{mode}_{level}/accuracy": m["accuracy"],
+                                f"eval_{mode}_{level}/mean_tokens": m["tokens"]["mean"],
+                                f"eval_{mode}_{level}/truncation_rate": m["truncation_rate"]})
+        return out
+
+
+def _first_per_group(records: Sequence[Any], per_group: int = 4) -> list[Any]:
+    """The first `per_group` responses of each (mode, level): what the numbers look like as text."""
+    seen: dict[tuple[str, str | None], int] = {}
+    out = []
+    for r in records:
+        key = (r.setting, r.level)
+        if seen.get(key, 0) < per_group:
+            seen[key] = seen.get(key, 0) + 1
+            out.append(r)
+    return out

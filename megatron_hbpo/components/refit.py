@@ -1,0 +1,76 @@
+"""Policy weights -> the rollout engine after every update, and the check that the engine follows.
+
+`Refitter.refit` is collective: every rank iterates the export stream (TP gathers, PP broadcasts);
+the engine ranks load it. `RefitGuard` records the step-1 rollout/trainer mismatch, taken before any
+refit, and stops the run when a later step's mismatch jumps (algo/mismatch.refit_mismatch_problem).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_hbpo.algo.mismatch import refit_mismatch_problem
+from megatron_hbpo.config import RefitCheckConfig
+from megatron_hbpo.rollout.engine import RolloutEngine
+
+REFIT_BUCKET_BYTES = 256 << 20
+
+
+class RefitMismatchError(RuntimeError):
+    """The rollout engine's log-probs left the trainer's after a refit (raised on every rank together)."""
+
+
+class Refitter:
+    def __init__(self, model: torch.nn.Module, hf_config: Any, engine: RolloutEngine | None, *,
+                 bucket_bytes: int = REFIT_BUCKET_BYTES):
+        self.model = model
+        self.hf_config = hf_config
+        self.engine = engine
+        self.bucket_bytes = bucket_bytes
+        self.count = 0  # refits done by this process
+
+    def refit(self) -> None:
+        from megatron_hbpo.convert.export import HFExportStream
+
+        stream = HFExportStream(self.model, self.hf_config, bucket_bytes=self.bucket_bytes)
+        if self.engine is not None:
+            self.engine.wake()  # vLLM loads weights into awake memory; the next generate finds it awake
+            self.engine.update_weights(stream)
+        else:
+            for _ in stream:
+                pass
+        self.count += 1
+
+
+def global_mean_abs_mismatch(rollout_logp: Sequence[torch.Tensor], train_logp: Sequence[torch.Tensor],
+                             dp_group: Any) -> float:
+    """Mean |logp_rollout - logp_train| over the sampled tokens of all DP ranks (collective over DP:
+    the model-parallel ranks of a DP rank hold the same records)."""
+    diff = (torch.cat(list(rollout_logp)).double() - torch.cat(list(train_logp)).double()).abs()
+    totals = torch.tensor([float(diff.sum()), float(diff.numel())], dtype=torch.float64)
+    dist.all_reduce(totals, group=dp_group)
+    return float(totals[0] / max(float(totals[1]), 1.0))
+
+
+class RefitGuard:
+    """`observe(step, mean_abs, refits)` once per step, before the update, on every rank with the same value."""
+
+    def __init__(self, cfg: RefitCheckConfig, params_dtype: str, baseline: float | None = None):
+        self.cfg = cfg
+        self.ceiling = cfg.ceiling_fp32 if params_dtype == "fp32" else cfg.ceiling_bf16
+        self.baseline = baseline
+
+    def observe(self, step: int, mean_abs: float, refits: int) -> None:
+        if refits == 0:
+            if step == 1:
+                self.baseline = mean_abs
+            return
+        if not self.cfg.enabled:
+            return
+        problem = refit_mismatch_problem(mean_abs, step=step, baseline=self.baseline, ceiling=self.ceiling,
+                                         factor=self.cfg.factor)
+        if problem:
+            raise RefitMismatchError(problem)

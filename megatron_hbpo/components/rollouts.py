@@ -1,0 +1,112 @@
+"""One DP rank's rollouts: prompts -> requests -> engine -> decode -> verify -> records, on the rank that
+holds the engine, then handed to the rest of its model-parallel group (every rank of the group trains
+on the same records)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_hbpo.algo.methods import Method, ScoredRollouts
+from megatron_hbpo.components.timer import Timer
+from megatron_hbpo.config import RolloutConfig
+from megatron_hbpo.data.chat import PromptBuilder
+from megatron_hbpo.data.prompts import PromptRow
+from megatron_hbpo.megatron.batching import PolicySequence
+from megatron_hbpo.rollout.engine import RolloutEngine, Sample, SamplingSettings
+from megatron_hbpo.rollout.requests import build_requests
+
+
+@dataclass
+class RolloutRecord:
+    """One scored rollout, as the whole model-parallel group sees it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: torch.Tensor
+    length: int
+    budget: int | None
+    group_id: int
+    level: str | None
+    correct: bool
+    format_ok: bool
+    truncated: bool
+
+
+def scored_rollouts(records: Sequence[RolloutRecord]) -> ScoredRollouts:
+    return ScoredRollouts(
+        lengths=torch.tensor([x.length for x in records], dtype=torch.float64),
+        correct=torch.tensor([x.correct for x in records]),
+        format_ok=torch.tensor([x.format_ok for x in records]),
+        group_ids=torch.tensor([x.group_id for x in records]),
+        budgets=torch.tensor([x.budget if x.budget is not None else float("nan") for x in records],
+                             dtype=torch.float64),
+    )
+
+
+def policy_sequences(records: Sequence[RolloutRecord], advantages: torch.Tensor) -> list[PolicySequence]:
+    return [PolicySequence(tokens=x.prompt_ids + x.response_ids, prompt_length=len(x.prompt_ids),
+                           advantage=float(adv), logp_rollout=x.logprobs)
+            for x, adv in zip(records, advantages)]
+
+
+class RolloutWorker:
+    """Generates and verifies (on the group's engine rank) and shares the records over `group`.
+
+    engine / verifier: on the engine rank only (None elsewhere). group: the model-parallel group,
+    whose first rank `src` holds the engine.
+    """
+
+    def __init__(self, rollout: RolloutConfig, method: Method, prompts: PromptBuilder, *, think_close: str,
+                 engine: RolloutEngine | None, verifier: Any | None, group: Any, src: int):
+        self.rollout = rollout
+        self.method = method
+        self.prompts = prompts
+        self.think_close = think_close
+        self.engine = engine
+        self.verifier = verifier
+        self.group = group
+        self.src = src
+        self.holds_engine = dist.get_rank() == src
+        if self.holds_engine and (engine is None or verifier is None):
+            raise ValueError("the first rank of each model-parallel group needs a rollout engine and a verifier")
+
+    def run(self, problems: Sequence[PromptRow], first_group_id: int, timer: Timer) -> list[RolloutRecord]:
+        """Records of `problems` (group ids first_group_id, ...), identical on every rank of the group."""
+        records = None
+        if self.holds_engine:
+            records = self._generate_and_verify(problems, first_group_id, timer)
+        if dist.get_world_size(self.group) > 1:
+            box = [records]
+            dist.broadcast_object_list(box, src=self.src, group=self.group)
+            records = box[0]
+        return records
+
+    def _generate_and_verify(self, problems: Sequence[PromptRow], first: int, timer: Timer) -> list[RolloutRecord]:
+        assert self.engine is not None and self.verifier is not None
+        r = self.rollout
+        sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length)
+        requests = build_requests(self.prompts, [p.problem for p in problems], self.method.prompt_modes(r.n_rollouts),
+                                  sampling=sampling, first_group_id=first)
+        for request in requests:
+            if len(request.prompt_ids) > r.max_prompt_length:
+                raise ValueError(f"a prompt has {len(request.prompt_ids)} tokens, more than rollout.max_prompt_length="
+                                 f"{r.max_prompt_length}: {problems[request.group_id - first].problem[:80]!r}")
+        with timer("rollout"):
+            self.engine.wake()
+            samples: list[Sample] = self.engine.generate(requests)
+            self.engine.sleep()
+        with timer("reward"):
+            tokenizer = self.prompts.tokenizer
+            texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+            golds = [problems[s.group_id - first].answer for s in samples]
+            verdicts = self.verifier.score(texts, golds, think_close=self.think_close)
+        return [RolloutRecord(prompt_ids=s.prompt_ids, response_ids=s.response_ids, logprobs=s.logprobs, length=s.length,
+                              budget=s.budget, group_id=s.group_id, level=problems[s.group_id - first].level,
+                              correct=v.correct,
+                              # A truncated response is a format error (docs/method.md, the reward).
+                              format_ok=v.format_ok and not s.truncated, truncated=s.truncated)
+                for s, v in zip(samples, verdicts)]
