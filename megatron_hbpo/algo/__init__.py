@@ -5,6 +5,7 @@ reward    budget-aware piecewise reward, GRPO's 0/1 reward
 verify    answer extraction and math-verify in a watchdog process pool
 advantage hierarchical (inter + intra budget) advantage, GRPO's group-normalised advantage
 loss      clipped surrogate with dual clip, summed for a global token-mean
+anytime   AnytimeReasoner / BRPO: budget cuts, forced-summary prompts, summary rewards, both advantages
 
 Kept free of imports so that the verifier's worker processes start without torch.
 """
