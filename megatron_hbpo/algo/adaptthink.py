@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hbpo.algo.budgets import THINK_OPEN
-from megatron_hbpo.algo.loss import MAX_LOG_RATIO
+from megatron_hbpo.algo.loss import MAX_LOG_RATIO, clipped_policy_loss
 from megatron_hbpo.algo.reward import float_dtype, per_sample_tensors
 
 # Authors' settings (docs/baselines.md, "AdaptThink").
@@ -243,18 +243,16 @@ def adaptthink_policy_loss(
     denominator = num_tokens.clamp(min=1).to(logp_new.dtype)
     mean_new = torch.where(mask, logp_new, zero).sum(-1) / denominator
     mean_old = torch.where(mask, old, zero).sum(-1) / denominator
-    ratio = torch.exp((mean_new - mean_old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-
-    advantages = advantages.to(logp_new.dtype)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
-    per_sequence = torch.maximum(unclipped, clipped)
-    none = torch.zeros_like(per_sequence)
+    # The clipped surrogate of one token per sequence, that token's log-probs being the sequence's
+    # means; no dual clip, as in the authors' loss.
+    out = clipped_policy_loss(mean_new.unsqueeze(-1), mean_old.unsqueeze(-1), advantages, has_tokens.unsqueeze(-1),
+                              clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip_c=math.inf)
+    ratio = torch.exp((mean_new - mean_old).detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     return SequenceLossOutput(
-        loss_sum=torch.where(has_tokens, per_sequence, none).sum(),
-        num_sequences=has_tokens.sum(),
-        clipped_sequences=(has_tokens & (clipped > unclipped)).sum(),
-        ratio_sum=torch.where(has_tokens, ratio, none).sum().detach(),
+        loss_sum=out.loss_sum,
+        num_sequences=out.num_tokens,
+        clipped_sequences=out.clipped_tokens,
+        ratio_sum=torch.where(has_tokens, ratio, torch.zeros_like(ratio)).sum(),
     )
 
 

@@ -14,7 +14,7 @@ one (N, mode), drawn once per problem and kept for every epoch.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

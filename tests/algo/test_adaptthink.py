@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from megatron_hbpo.algo.adaptthink import (
-    adaptthink_accuracy, adaptthink_policy_loss, adaptthink_reward, assign_modes, check_adaptthink_config,
-    forced_generation_request, forced_rollout, is_nothinking, lookup_reference_accuracy, mode_logprob,
-    reference_accuracy, think_tag_counts,
+    adaptthink_accuracy,
+    adaptthink_policy_loss,
+    adaptthink_reward,
+    assign_modes,
+    check_adaptthink_config,
+    forced_generation_request,
+    forced_rollout,
+    is_nothinking,
+    lookup_reference_accuracy,
+    mode_logprob,
+    reference_accuracy,
+    think_tag_counts,
 )
 
 NOTHINK_ID, THINK_ID = 151649, 71486
@@ -28,7 +37,7 @@ def _reward(rows, **kw):
                              **kw)
 
 
-def test_spec_values():
+def test_worked_values():
     # delta 0.05, R_ref 0.9: NoThinking correct / wrong, Thinking correct / wrong.
     got = _reward([(True, True, 0, 1, True, 0.9), (False, True, 0, 1, True, 0.9),
                    (True, True, 0, 1, False, 0.9), (False, True, 0, 1, False, 0.9)])
@@ -292,3 +301,15 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="1-D"):
         adaptthink_reward(torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool), torch.zeros(2),
                           torch.ones(2), torch.ones(3, dtype=torch.bool), torch.zeros(3))
+
+
+def test_no_dual_clip():
+    # A < 0 with rho = e^2 ~ 7.4: a dual clip at c = 3 would bound the loss at 3; AdaptThink has none.
+    logp_old = torch.full((1, 4), -1.0, dtype=torch.float64)
+    logp_old[0, 0] = math.log(0.5)
+    logp_new = (logp_old + 2.0).requires_grad_(True)
+    out = adaptthink_policy_loss(logp_new, logp_old, torch.tensor([-1.0], dtype=torch.float64),
+                                 torch.ones(1, 4, dtype=torch.bool), torch.tensor([False]))
+    out.loss_sum.backward()
+    assert out.loss_sum.item() == pytest.approx(math.exp(2.0), rel=1e-12)
+    assert logp_new.grad[0].tolist() == pytest.approx([math.exp(2.0) / 4] * 4, rel=1e-12)

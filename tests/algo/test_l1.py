@@ -1,6 +1,7 @@
 """L1-Exact / L1-Max: prompt sentences, target draws and rewards against docs/baselines.md ("L1"),
 re-derived with Python floats; the advantage is GRPO's."""
 
+import itertools
 import random
 import statistics
 
@@ -9,8 +10,16 @@ import torch
 
 from megatron_hbpo.algo.advantage import group_normalized_advantage
 from megatron_hbpo.algo.l1 import (
-    DEFAULT_ALPHA, DEFAULT_ALPHA_MAX, DEFAULT_DELTA, MODE_CODES, append_length_instruction, check_l1_config,
-    l1_reward, length_instruction, problem_target, sample_targets,
+    DEFAULT_ALPHA,
+    DEFAULT_ALPHA_MAX,
+    DEFAULT_DELTA,
+    MODE_CODES,
+    append_length_instruction,
+    check_l1_config,
+    l1_reward,
+    length_instruction,
+    problem_target,
+    sample_targets,
 )
 
 
@@ -30,7 +39,7 @@ def _reward(rows, **kw):
                      torch.tensor(fmt), **kw)
 
 
-SPEC_TABLE = [  # (mode, correct, L, N, R): the worked values of the method description
+WORKED_TABLE = [  # (mode, correct, L, N, R): the worked values in docs/baselines.md
     ("exact", 1, 1000, 1000, 1.0), ("exact", 1, 1500, 1000, 0.85), ("exact", 0, 1500, 1000, -0.15),
     ("exact", 1, 4096, 100, -0.1988), ("max", 1, 400, 1000, 1.0), ("max", 1, 800, 1000, 0.7),
     ("max", 1, 1000, 1000, 0.5), ("max", 1, 1200, 1000, 0.3), ("max", 1, 1600, 1000, 0.0),
@@ -38,10 +47,10 @@ SPEC_TABLE = [  # (mode, correct, L, N, R): the worked values of the method desc
 ]
 
 
-def test_spec_table():
-    got = _reward([(L, N, mode, bool(c), True) for mode, c, L, N, _ in SPEC_TABLE])
+def test_worked_table():
+    got = _reward([(L, N, mode, bool(c), True) for mode, c, L, N, _ in WORKED_TABLE])
     assert got.dtype == torch.float64
-    assert got.tolist() == pytest.approx([r for *_, r in SPEC_TABLE], abs=1e-12)
+    assert got.tolist() == pytest.approx([r for *_, r in WORKED_TABLE], abs=1e-12)
 
 
 def test_random_samples_match_reference():
@@ -81,7 +90,7 @@ def test_max_mode_reward_is_clipped_and_monotone():
     lengths = list(range(0, 3001, 50))
     got = _reward([(L, 1000, "max", True, True) for L in lengths]).tolist()
     assert all(0.0 <= r <= 1.0 for r in got)
-    assert all(a >= b for a, b in zip(got, got[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(got))
     assert got[lengths.index(500)] == 1.0 and got[lengths.index(1500)] == 0.0
 
 
@@ -128,7 +137,9 @@ def test_targets_are_uniform_integers_in_the_closed_range():
 
 
 def test_max_stage_mixes_modes_and_keeps_n():
-    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    def gen():
+        return torch.Generator().manual_seed(7)
+
     exact_targets, exact_modes = sample_targets(4000, generator=gen(), stage="exact")
     max_targets, max_modes = sample_targets(4000, generator=gen(), stage="max")
     assert exact_targets == max_targets and set(exact_modes) == {"exact"}

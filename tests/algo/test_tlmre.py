@@ -1,6 +1,7 @@
 """TLMRE: length-normalised reward among a prompt's correct responses and the RLOO advantage,
 against docs/baselines.md ("TLMRE") re-derived with Python floats and `statistics`."""
 
+import itertools
 import math
 import random
 import statistics
@@ -10,7 +11,11 @@ import torch
 
 from megatron_hbpo.algo.advantage import group_normalized_advantage
 from megatron_hbpo.algo.tlmre import (
-    check_tlmre_config, rloo_advantage, tlmre_reward, whiten_advantages, whitening_moments,
+    check_tlmre_config,
+    rloo_advantage,
+    tlmre_reward,
+    whiten_advantages,
+    whitening_moments,
 )
 
 
@@ -46,20 +51,20 @@ def _bools(values):
     return torch.tensor(values, dtype=torch.bool)
 
 
-SPEC_CORRECT = [1, 1, 1, 0, 1, 0, 1, 1]
-SPEC_LENGTHS = [800, 1200, 2000, 4000, 1000, 3000, 1500, 900]
+WORKED_CORRECT = [1, 1, 1, 0, 1, 0, 1, 1]
+WORKED_LENGTHS = [800, 1200, 2000, 4000, 1000, 3000, 1500, 900]
 
 
-def test_spec_group():
+def test_worked_group():
     ones = torch.ones(8, dtype=torch.bool)
     zeros = torch.zeros(8, dtype=torch.long)
-    rewards = tlmre_reward(_f64(SPEC_LENGTHS), _bools(SPEC_CORRECT), ones, zeros, alpha=0.4)
+    rewards = tlmre_reward(_f64(WORKED_LENGTHS), _bools(WORKED_CORRECT), ones, zeros, alpha=0.4)
     assert rewards.dtype == torch.float64
     assert rewards.tolist() == pytest.approx(
         [0.896651, 0.808107, 0.653623, 0, 0.855300, 0, 0.737296, 0.876938], abs=1e-6)
     assert rloo_advantage(rewards, zeros).tolist() == pytest.approx(
         [0.335041, 0.233848, 0.057296, -0.689702, 0.287783, -0.689702, 0.152922, 0.312513], abs=1e-6)
-    solved = [L for L, c in zip(SPEC_LENGTHS, SPEC_CORRECT) if c]
+    solved = [L for L, c in zip(WORKED_LENGTHS, WORKED_CORRECT) if c]
     assert statistics.mean(solved) == pytest.approx(1233.333, abs=1e-3)
     assert statistics.pstdev(solved) == pytest.approx(410.961, abs=1e-3)
 
@@ -129,7 +134,7 @@ def test_correct_always_beats_wrong_and_shorter_beats_longer():
     lengths = [300, 600, 900, 1200, 4000]
     rewards = tlmre_reward(_f64(lengths), _bools([1, 1, 1, 1, 0]), _bools([1] * 5), torch.zeros(5, dtype=torch.long),
                            alpha=0.99).tolist()
-    assert all(a > b for a, b in zip(rewards, rewards[1:]))
+    assert all(a > b for a, b in itertools.pairwise(rewards))
     assert min(rewards[:4]) > 1 - 0.99
 
 

@@ -5,7 +5,10 @@ import math
 import pytest
 
 from megatron_hbpo.evaluation.adherence import (
-    adherence_by_target, adherence_metrics, adherence_summary, pearson_correlation,
+    adherence_by_target,
+    adherence_metrics,
+    adherence_summary,
+    pearson_correlation,
 )
 
 
