@@ -21,7 +21,7 @@ from megatron_hbpo.algo.constants import CLIP_EPS_HIGH, CLIP_EPS_LOW, DUAL_CLIP_
 
 # exp() of a log-ratio beyond this is clipped anyway (see clipped_policy_loss); the clamp keeps an
 # overflow from turning into inf * 0 = NaN in backward.
-_MAX_LOG_RATIO = 20.0
+MAX_LOG_RATIO = 20.0
 
 
 @dataclass
@@ -41,7 +41,7 @@ def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3
     k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r with log r = logp - logp_ref
     (k3 is the low-variance, always non-negative estimator).
     """
-    log_ratio = (logp - logp_ref).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    log_ratio = (logp - logp_ref).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
@@ -92,7 +92,7 @@ def clipped_policy_loss(
     advantages = advantages.to(logp_new.dtype).expand_as(logp_new)
     # Masked positions get ratio 1 before exp, so padding garbage can never make NaN gradients.
     log_ratio = torch.where(mask, logp_new - logp_old.detach(), torch.zeros_like(logp_new))
-    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)

@@ -14,7 +14,7 @@ import torch
 from megatron_hbpo.algo.constants import ALPHA, BETA, L_MAX
 
 
-def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The widest floating dtype among the inputs, else the default dtype."""
     floats = [t.dtype for t in tensors if t.is_floating_point()]
     if not floats:
@@ -25,10 +25,20 @@ def _float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def per_sample_tensors(where: str, **values: torch.Tensor) -> list[torch.Tensor]:
+    """The named inputs as tensors, each 1-D with one entry per sample (one length); else ValueError."""
+    tensors = [torch.as_tensor(v) for v in values.values()]
+    if any(t.dim() != 1 for t in tensors) or len({t.shape for t in tensors}) != 1:
+        names = ", ".join(values)
+        raise ValueError(f"{where}: {names} must be 1-D and of one length, got shapes "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    return tensors
+
+
 def budget_baseline(budgets: torch.Tensor, *, l_max: int = L_MAX, beta: float = BETA) -> torch.Tensor:
     """f2(b) = beta * cos(pi * b / (2 L_max)): the most a response under budget b can earn."""
     budgets = torch.as_tensor(budgets)
-    dtype = _float_dtype(budgets)
+    dtype = float_dtype(budgets)
     return beta * torch.cos(math.pi * budgets.to(dtype) / (2 * l_max))
 
 
@@ -55,15 +65,10 @@ def hbpo_reward(
     else the default dtype. A format error wins over correctness; a correct answer longer than
     l_max earns 0.
     """
-    lengths, budgets = torch.as_tensor(lengths), torch.as_tensor(budgets)
-    correct, format_ok = torch.as_tensor(correct, dtype=torch.bool), torch.as_tensor(format_ok, dtype=torch.bool)
-    shapes = {t.shape for t in (lengths, budgets, correct, format_ok)}
-    if len(shapes) != 1 or lengths.dim() != 1:
-        raise ValueError(
-            "hbpo_reward: lengths, budgets, correct and format_ok must be 1-D and of one length, got shapes "
-            f"{[tuple(t.shape) for t in (lengths, budgets, correct, format_ok)]}"
-        )
-    dtype = _float_dtype(lengths, budgets)
+    lengths, budgets, correct, format_ok = per_sample_tensors(
+        "hbpo_reward", lengths=lengths, budgets=budgets, correct=correct, format_ok=format_ok)
+    correct, format_ok = correct.bool(), format_ok.bool()
+    dtype = float_dtype(lengths, budgets)
     length_f, budget_f = lengths.to(dtype), budgets.to(dtype)
 
     f2 = budget_baseline(budget_f, l_max=l_max, beta=beta)
@@ -79,12 +84,7 @@ def binary_reward(
     correct: torch.Tensor, format_ok: torch.Tensor, *, format_error_reward: float = 0.0, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """GRPO baseline: 1 for a correct answer, 0 for a wrong one, format_error_reward on a format error."""
-    correct, format_ok = torch.as_tensor(correct, dtype=torch.bool), torch.as_tensor(format_ok, dtype=torch.bool)
-    if correct.shape != format_ok.shape or correct.dim() != 1:
-        raise ValueError(
-            f"binary_reward: correct and format_ok must be 1-D and of one length, got {tuple(correct.shape)} "
-            f"and {tuple(format_ok.shape)}"
-        )
+    correct, format_ok = (t.bool() for t in per_sample_tensors("binary_reward", correct=correct, format_ok=format_ok))
     dtype = dtype or torch.get_default_dtype()
     reward = correct.to(dtype)
     return torch.where(format_ok, reward, torch.full_like(reward, format_error_reward))
