@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAUNCH_VENV := .venv-launch
 LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
 
-.PHONY: setup run run-grpo test test-tools launch-env real-model-deps real-model-test clean-venv
+.PHONY: setup run run-grpo test test-slow lint test-tools launch-env real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -32,8 +32,18 @@ run: setup
 run-grpo: setup
 	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu_grpo.yaml
 
-test: setup launch-env test-tools
+test: setup launch-env test-tools lint
 	$(PY) -m pytest
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and mypy over the package.
+lint: setup
+	$(PY) -m ruff check megatron_hbpo
+	$(PY) -m mypy
+
+# The long tests outside the default run (multi-rank vLLM, world-4 layouts, long comparisons): run
+# before resolving work that touches them.
+test-slow: setup launch-env test-tools
+	$(PY) -m pytest -m slow
 
 # NeMo-Run in its own small environment (see requirements-launch.txt).
 launch-env: $(LAUNCH_STAMP)

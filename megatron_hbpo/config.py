@@ -20,12 +20,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
-from megatron_hbpo.algo.constants import (ADV_EPS, ALPHA, BETA, BUDGET_TEMPLATE, BUDGETS, CLIP_EPS_HIGH, CLIP_EPS_LOW,
-                                         DUAL_CLIP_C, L_MAX, PROMPT_TEMPLATE, THINK_CLOSE, THINK_OPEN)
+from megatron_hbpo.algo.constants import (
+    ADV_EPS,
+    ALPHA,
+    BETA,
+    BUDGET_TEMPLATE,
+    BUDGETS,
+    CLIP_EPS_HIGH,
+    CLIP_EPS_LOW,
+    DUAL_CLIP_C,
+    L_MAX,
+    PROMPT_TEMPLATE,
+    THINK_CLOSE,
+    THINK_OPEN,
+)
 
 REQUIRED: Any = dataclasses.MISSING
 
@@ -65,14 +77,14 @@ class ModelConfig:
     vocab_size: int = bounded(gt=0)
     max_position_embeddings: int = bounded(gt=0)
     # Hugging Face checkpoint directory (weights, config.json, tokenizer); null = random init.
-    hf_path: Optional[str] = None
+    hf_path: str | None = None
     # Tokenizer directory when it differs from hf_path.
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: str | None = None
     # Per-head dimension; null = hidden_size / num_attention_heads.
-    kv_channels: Optional[int] = bounded(None, gt=0)
+    kv_channels: int | None = bounded(None, gt=0)
     rope_theta: float = bounded(10000.0, gt=0)
     # Llama-3 style scaling, as in the HF config ({rope_type: llama3, factor: ..., ...}).
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     norm_epsilon: float = bounded(1e-6, gt=0)
     add_qkv_bias: bool = False
     tie_word_embeddings: bool = False
@@ -84,7 +96,7 @@ class ModelConfig:
     # Layer implementation: Transformer Engine when CUDA and TE are present ("auto"), or forced.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # FP8 training (Transformer Engine only): null, "delayed" scaling or "current" (per-tensor) scaling.
-    fp8: Optional[Literal["delayed", "current"]] = None
+    fp8: Literal["delayed", "current"] | None = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
     # With FP8, this many first and last layers stay in bf16.
     fp8_bf16_layers: int = bounded(1, ge=0)
@@ -100,7 +112,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Activation recomputation: null (store everything), "selective" (attention core) or "full"
     # (every layer recomputed from its input in the backward pass).
-    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    recompute_granularity: Literal["selective", "full"] | None = None
 
 
 @dataclass
@@ -177,7 +189,7 @@ class AlgoConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     # Truncated importance sampling against the rollout engine's log-probs: weight each token by
     # min(pi_train_old / pi_rollout, tis_cap); null = off (the engines agree to ~1e-6 in fp32).
-    tis_cap: Optional[float] = bounded(None, gt=0)
+    tis_cap: float | None = bounded(None, gt=0)
 
 
 @dataclass
@@ -228,7 +240,7 @@ class DataConfig:
     # User turn; `{problem}` is replaced by the row's problem, other braces stay as written
     # (DeepScaleR's instruction by default).
     prompt_template: str = PROMPT_TEMPLATE
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     shuffle: bool = True
     # Skip (and count) rows with a missing field or empty answer instead of failing on them.
     skip_bad_rows: bool = False
@@ -266,7 +278,7 @@ class WarmupConfig:
     prompt_budgets: list[int] = field(default_factory=list)
     # Where the warm-up weights are kept; recipes that share a base (HBPO and its GRPO baseline)
     # point to the same directory and the second one reuses it.
-    dir: Optional[str] = None
+    dir: str | None = None
     seed: int = 4321
 
 
@@ -447,7 +459,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
-        return _build(tp, value, where)
+        return _build(typing.cast(type, tp), value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -643,7 +655,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
 
     _check("{problem}" in recipe.data.prompt_template, "data.prompt_template",
            "must contain '{problem}'")
-    d, w, e = recipe.data, recipe.warmup, recipe.eval
+    d, w, ev = recipe.data, recipe.warmup, recipe.eval
     if d.source == "synthetic":
         _check(bool(d.synthetic_levels), "data.synthetic_levels", "needs at least one level, e.g. [1, 2, 3, 4]")
         _check(m.hf_path is None, "model.hf_path", "the synthetic task brings its own tokenizer and a random-init "
@@ -659,7 +671,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
                f"needs non-negative shares with a positive sum, got {w.style_mix}")
         unknown = sorted(set(w.style_mix) - {"concise", "steps", "checked", "verbose"})
         _check(not unknown, "warmup.style_mix", f"unknown styles {unknown}; use concise, steps, checked, verbose")
-    if e.before_after or e.interval:
+    if ev.before_after or ev.interval:
         _check(d.source == "synthetic" or bool(d.eval_files), "eval", "evaluation needs data.eval_files "
                "(or the synthetic task)")
     return recipe

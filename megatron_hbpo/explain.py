@@ -47,7 +47,8 @@ def _budgets(recipe: Recipe) -> None:
     print(f"\nbudgets {a.budgets}: {r.n_rollouts // len(a.budgets)} rollouts each; L_max = "
           f"{r.max_response_length}, beta = {a.beta}, alpha = {a.alpha:.3g}")
     for b in a.budgets:
-        print(f"  b={b:<6d} x{per.count(b)}  assistant turn starts: {a.think_open + budget_sentence(b, a.budget_template)!r}")
+        starts = a.think_open + budget_sentence(b, a.budget_template)
+        print(f"  b={b:<6d} x{per.count(b)}  assistant turn starts: {starts!r}")
 
 
 def _reward_table(recipe: Recipe) -> None:
@@ -106,8 +107,8 @@ def _worked_group(recipe: Recipe) -> None:
     other = "center_intra=" + str(not a.center_intra).lower()
     print(f"  {'budget':>6} {'L':>5} {'answer':>12} {'status':>9} {'reward':>8} {'advantage':>10} {other:>18}")
     for i, v in enumerate(verdicts):
-        b = "-" if budgets[i] is None else str(budgets[i])
-        print(f"  {b:>6} {lengths[i]:>5} {str(v.answer):>12} {v.status:>9} {reward[i].item():8.3f} "
+        shown = "-" if budgets[i] is None else str(budgets[i])
+        print(f"  {shown:>6} {lengths[i]:>5} {str(v.answer):>12} {v.status:>9} {reward[i].item():8.3f} "
               f"{adv[i].item():10.3f} {centered[i].item():18.3f}")
 
     # The loss at the rollout policy (ratio 1): its gradient direction per response.
@@ -118,6 +119,7 @@ def _worked_group(recipe: Recipe) -> None:
                             logp_rollout=None)
     out = method.loss()(logp, batch)
     (out.loss_sum / out.normalizer).backward()
+    assert logp.grad is not None
     push = -(logp.grad * mask).sum(dim=1)
     print(f"  loss at ratio 1: {(out.loss_sum / out.normalizer).item():.4f} over "
           f"{int(mask.sum())} tokens; per-response push on log-probs (sign = up/down): "

@@ -90,7 +90,8 @@ def plan(recipe: Recipe) -> Plan:
     total = layers * per_layer + embedding * (1 if m.tie_word_embeddings else 2) + h
 
     stage_layers = layers // pp
-    first = stage_layers * per_layer // tp + embedding // tp + (0 if pp > 1 or m.tie_word_embeddings else embedding // tp)
+    output_layer = 0 if pp > 1 or m.tie_word_embeddings else embedding // tp
+    first = stage_layers * per_layer // tp + embedding // tp + output_layer
     last = stage_layers * per_layer // tp + embedding // tp + h
     per_gpu = max(first, last) if pp > 1 else first + h
     bf16 = m.params_dtype == "bf16"
@@ -129,7 +130,8 @@ def plan(recipe: Recipe) -> Plan:
                       ("logits", logits), key=lambda kv: kv[1])[0]
         fix = {
             "weights": "raise parallel.tensor_model_parallel_size or parallel.pipeline_model_parallel_size",
-            "optimizer": ("set optimizer.use_distributed_optimizer=true" if not recipe.optimizer.use_distributed_optimizer
+            "optimizer": ("set optimizer.use_distributed_optimizer=true"
+                          if not recipe.optimizer.use_distributed_optimizer
                           else "raise parallel.pipeline_model_parallel_size or the number of GPUs (more DP shards)"),
             "activations": ("set parallel.recompute_granularity=full" if p.recompute_granularity != "full"
                             else "lower train.micro_batch_tokens or raise parallel.pipeline_model_parallel_size"),
@@ -140,8 +142,8 @@ def plan(recipe: Recipe) -> Plan:
         problems.append(f"rollout needs {rollout:.1f} GiB of {usable:.1f} usable (Megatron's {static:.1f} GiB stay "
                         f"while vLLM holds {vllm:.1f}); lower rollout.gpu_memory_utilization")
     if kv_tokens < r.max_prompt_length + r.max_response_length:
-        problems.append(f"vLLM's share ({vllm:.1f} GiB) holds its weights ({vllm_weights:.1f} GiB) but KV cache for only "
-                        f"{kv_tokens} tokens, less than one {r.max_prompt_length + r.max_response_length}-token "
+        problems.append(f"vLLM's share ({vllm:.1f} GiB) holds its weights ({vllm_weights:.1f} GiB) but KV cache for "
+                        f"only {kv_tokens} tokens, less than one {r.max_prompt_length + r.max_response_length}-token "
                         "sequence; raise rollout.gpu_memory_utilization or rollout.tensor_parallel_size")
 
     # FLOPs of one step (the whole job), matmuls only, attention included at the mean sequence length.

@@ -23,8 +23,20 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from megatron_hbpo.algo.verify import AnswerVerifier
+    from megatron_hbpo.components.evaluator import Evaluator
+    from megatron_hbpo.config import DataConfig, ModelConfig, Recipe
+    from megatron_hbpo.data.source import PromptSource
+    from megatron_hbpo.megatron.train_step import MegatronPolicy
+    from megatron_hbpo.rollout.engine import RolloutEngine
+    from megatron_hbpo.trainer import Trainer
 
 PREEMPTED_EXIT = 143
 
@@ -43,7 +55,7 @@ def _log_rank0_err(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_tokenizer_and_config(model: Any, data: Any) -> tuple[Any, Any]:
+def load_tokenizer_and_config(model: ModelConfig, data: DataConfig) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
     """(tokenizer, transformers config) of the policy, from the recipe's model and data sections."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -70,7 +82,8 @@ def load_tokenizer_and_config(model: Any, data: Any) -> tuple[Any, Any]:
     return tokenizer, hf_config
 
 
-def load_base_weights(model: Any, policy: Any, hf_config: Any, warmup_weights: Path | None) -> None:
+def load_base_weights(model: ModelConfig, policy: MegatronPolicy, hf_config: PretrainedConfig,
+                      warmup_weights: Path | None) -> None:
     from megatron_hbpo.convert.hf_io import HFCheckpoint
     from megatron_hbpo.convert.mapping import hf_to_megatron_tensors
     from megatron_hbpo.megatron.checkpoint import load_weights
@@ -89,7 +102,8 @@ def load_base_weights(model: Any, policy: Any, hf_config: Any, warmup_weights: P
         policy.load_full_state(state.__getitem__)
 
 
-def write_rollout_model(policy: Any, hf_config: Any, tokenizer: Any, directory: Path) -> None:
+def write_rollout_model(policy: MegatronPolicy, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+                        directory: Path) -> None:
     """An HF directory of the policy's current weights for vLLM to start from (collective)."""
     import torch.distributed as dist
 
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(recipe, wall_start)
 
 
-def run(recipe: Any, wall_start: float) -> int:
+def run(recipe: Recipe, wall_start: float) -> int:
     from megatron_hbpo.components.refit import RefitMismatchError
     from megatron_hbpo.data.prompts import DataError
 
@@ -150,7 +164,7 @@ def run(recipe: Any, wall_start: float) -> int:
         return 1
 
 
-def _run(recipe: Any, wall_start: float) -> int:
+def _run(recipe: Recipe, wall_start: float) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -227,8 +241,10 @@ def _run(recipe: Any, wall_start: float) -> int:
             verifier.close()
 
 
-def build_trainer(recipe: Any, *, policy: Any, hf_config: Any, tokenizer: Any, engine: Any, verifier: Any,
-                  engine_rank: int, source: Any, log: Any = _log_rank0) -> tuple[Any, Any]:
+def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: PretrainedConfig,
+                  tokenizer: PreTrainedTokenizerBase, engine: RolloutEngine | None, verifier: AnswerVerifier | None,
+                  engine_rank: int, source: PromptSource, log: Callable[[str], None] = _log_rank0
+                  ) -> tuple[Trainer, Evaluator | None]:
     """The trainer and its evaluator (None without evaluation) from the recipe's sections. `engine` and
     `verifier`: on `engine_rank`, the first rank of this model-parallel group (None on the others)."""
     import torch.distributed as dist

@@ -16,8 +16,9 @@ step s's checkpoint gives the uninterrupted run's metrics for every later step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,13 +29,16 @@ from megatron_hbpo.components.checkpointer import CheckpointManager
 from megatron_hbpo.components.evaluator import Evaluator
 from megatron_hbpo.components.metrics import MetricsLogger, step_summary
 from megatron_hbpo.components.preemption import PreemptionFlag
-from megatron_hbpo.components.refit import Refitter, RefitGuard, global_mean_abs_mismatch
+from megatron_hbpo.components.refit import RefitGuard, Refitter, global_mean_abs_mismatch
 from megatron_hbpo.components.rollouts import RolloutRecord, RolloutWorker, policy_sequences, scored_rollouts
 from megatron_hbpo.components.timer import Timer
 from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.data.source import PromptSource
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.seeding import seed_everything
+
+if TYPE_CHECKING:
+    from megatron_hbpo.megatron.train_step import MegatronPolicy
 
 
 @dataclass
@@ -53,7 +57,7 @@ class Trainer:
     """Composes the components; `run()` trains from the resumed step to the last. Requires
     `megatron.parallel.initialize`."""
 
-    def __init__(self, schedule: Schedule, *, policy: Any, method: Method, source: PromptSource,
+    def __init__(self, schedule: Schedule, *, policy: MegatronPolicy, method: Method, source: PromptSource,
                  rollouts: RolloutWorker, refitter: Refitter, guard: RefitGuard, checkpoints: CheckpointManager,
                  evaluator: Evaluator | None, make_logger: Callable[[int], MetricsLogger], temperature: float,
                  log: Callable[[str], None] = print):

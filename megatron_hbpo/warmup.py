@@ -15,8 +15,9 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -26,6 +27,9 @@ from megatron_hbpo.config import AlgoConfig, DataConfig, ModelConfig, OptimizerC
 from megatron_hbpo.data.chat import NATURAL, PromptBuilder, PromptFormat, budget_mode
 from megatron_hbpo.data.synthetic import TASK_VERSION, make_problem, response_text, style_mix_sample
 from megatron_hbpo.megatron.batching import PolicySequence
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 FINGERPRINT_FILE = "warmup.json"
 
@@ -71,8 +75,9 @@ def warmup_sequences(prompts: PromptBuilder, rng: random.Random, count: int, war
 
 
 def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
-               data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int, checkpoint_dir: str, hf_config: Any,
-               tokenizer: Any, log: Callable[[str], None] = print) -> Path:
+               data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int, checkpoint_dir: str,
+               hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+               log: Callable[[str], None] = print) -> Path:
     """Train the base (or reuse a matching earlier warm-up) and return its weights directory.
 
     Collective: every rank calls it. Requires `megatron.parallel.initialize`. `optimizer` is the

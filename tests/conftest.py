@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped where there is none, as in CI)")
     config.addinivalue_line("markers", "dist: launches several processes with torchrun (gloo)")
+    config.addinivalue_line("markers", "slow: long (multi-rank vLLM, world 4, long runs); `make test-slow` runs them")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_hbpo.algo.verify import extract_boxed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BUDGET_PRIORS = ("base", "uniform", "linear")
 VARIANCE_REDUCTIONS = ("brpo", "v2only", "v1only", "none")
@@ -301,13 +304,13 @@ def summary_prompt(
     return [*prompt_ids, *thinking_ids[:cut], *inserted], len(inserted), truncated
 
 
-def think_end_token_id(tokenizer: Any) -> int | None:
+def think_end_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """Id of `</think>` when the tokenizer has it as one token (R1-Distill: 151649), else None."""
     token_id = tokenizer.get_vocab().get(THINK_END)
     return None if token_id is None else int(token_id)
 
 
-def summary_insert_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+def summary_insert_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """(truncation_ids, final_answer_ids): the two inserted strings tokenized on their own.
 
     `</think>` is the tokenizer's own token when it has one, so the summary sees the same closing token
@@ -321,7 +324,8 @@ def summary_insert_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     return list(truncation), list(tokenizer.encode(FINAL_ANSWER_INSERT, add_special_tokens=False))
 
 
-def summary_text(tokenizer: Any, inserted_ids: Sequence[int], summary_ids: Sequence[int], *, eos_id: int) -> str:
+def summary_text(tokenizer: PreTrainedTokenizerBase, inserted_ids: Sequence[int], summary_ids: Sequence[int], *,
+                 eos_id: int) -> str:
     """Decoded inserted tokens + generated summary, trailing EOS dropped: the text answers are read from."""
     ids = list(summary_ids)
     if ids and ids[-1] == eos_id:

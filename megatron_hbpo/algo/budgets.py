@@ -9,7 +9,7 @@ text itself is built by data/chat.py.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron_hbpo.algo.constants import BUDGET_TEMPLATE
 

@@ -158,9 +158,17 @@ class LossOutput:
 class PolicyLoss(Protocol):
     """A training objective: per-token log-probs of the labels (at `temperature`) -> LossOutput."""
 
-    temperature: float  # the policy's log-probs are taken at this temperature
-    needs_logp_old: bool  # whether every sequence must carry logp_old before training
-    metric_names: tuple[str, ...]  # the keys of LossOutput.metrics, the same on every call
+    @property
+    def temperature(self) -> float:
+        """The policy's log-probs are taken at this temperature."""
+
+    @property
+    def needs_logp_old(self) -> bool:
+        """Whether every sequence must carry logp_old before training."""
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of LossOutput.metrics, the same on every call."""
 
     def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput: ...
 

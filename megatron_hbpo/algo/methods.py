@@ -8,7 +8,7 @@ scored rollouts become rewards and advantages, and which loss the policy is hand
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -17,6 +17,9 @@ from megatron_hbpo.algo.budgets import assign_budgets
 from megatron_hbpo.algo.loss import ClippedLoss, PolicyLoss
 from megatron_hbpo.algo.reward import binary_reward, hbpo_reward
 from megatron_hbpo.data.chat import NATURAL, budget_mode
+
+if TYPE_CHECKING:
+    from megatron_hbpo.config import AlgoConfig
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Method(Protocol):
         """The objective the policy's training step minimises."""
 
 
-def _clipped_loss(algo: Any, temperature: float) -> ClippedLoss:
+def _clipped_loss(algo: AlgoConfig, temperature: float) -> ClippedLoss:
     return ClippedLoss(temperature=temperature, clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
                        dual_clip_c=algo.dual_clip_c, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
                        tis_cap=algo.tis_cap)
@@ -60,13 +63,13 @@ def _clipped_loss(algo: Any, temperature: float) -> ClippedLoss:
 class HBPO:
     """Budgeted subgroups, the budget-aware piecewise reward and the hierarchical advantage (docs/method.md)."""
 
-    algo: Any  # config.AlgoConfig
+    algo: AlgoConfig  # config.AlgoConfig
     l_max: int
     temperature: float
     name: str = "hbpo"
 
     def prompt_modes(self, n_rollouts: int) -> list[tuple[str, int]]:
-        budgets = assign_budgets(n_rollouts, self.algo.budgets)
+        budgets = [int(b) for b in assign_budgets(n_rollouts, self.algo.budgets) if b is not None]
         return [(budget_mode(b), budgets.count(b)) for b in dict.fromkeys(budgets)]
 
     def eval_modes(self) -> list[str]:
@@ -88,7 +91,7 @@ class HBPO:
 class GRPO:
     """The baseline: n unbudgeted rollouts, 0/1 reward, group-normalised advantage."""
 
-    algo: Any
+    algo: AlgoConfig
     temperature: float
     name: str = "grpo"
 
@@ -108,7 +111,7 @@ class GRPO:
         return _clipped_loss(self.algo, self.temperature)
 
 
-def method_for(algo: Any, *, l_max: int, temperature: float) -> Method:
+def method_for(algo: AlgoConfig, *, l_max: int, temperature: float) -> Method:
     """The method a recipe's `algo` section names; `l_max` is rollout.max_response_length and
     `temperature` the rollout temperature (the loss takes log-probs at it)."""
     if algo.name == "hbpo":

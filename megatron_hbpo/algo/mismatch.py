@@ -22,7 +22,8 @@ def logprob_mismatch(rollout_logp: torch.Tensor, train_logp: torch.Tensor, *, th
             "frac_above": float((diff > threshold).double().mean()), "tokens": diff.numel()}
 
 
-def truncated_importance_weights(train_old_logp: torch.Tensor, rollout_logp: torch.Tensor, *, cap: float) -> torch.Tensor:
+def truncated_importance_weights(train_old_logp: torch.Tensor, rollout_logp: torch.Tensor, *,
+                                 cap: float) -> torch.Tensor:
     """min(exp(logp_train_old - logp_rollout), cap): the TIS weight of each sampled token (no grad)."""
     if cap <= 0:
         raise ValueError(f"the TIS cap must be positive, got {cap}")

@@ -81,7 +81,8 @@ def hbpo_reward(
 
 
 def binary_reward(
-    correct: torch.Tensor, format_ok: torch.Tensor, *, format_error_reward: float = 0.0, dtype: torch.dtype | None = None
+    correct: torch.Tensor, format_ok: torch.Tensor, *, format_error_reward: float = 0.0,
+    dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """GRPO baseline: 1 for a correct answer, 0 for a wrong one, format_error_reward on a format error."""
     correct, format_ok = (t.bool() for t in per_sample_tensors("binary_reward", correct=correct, format_ok=format_ok))

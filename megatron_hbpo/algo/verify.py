@@ -25,10 +25,10 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
 
 # Statuses of one checked item.
 OK = "ok"  # math-verify ran; `correct` says whether the answer matches
@@ -285,7 +285,7 @@ class AnswerVerifier:
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         answers = [extract_final_answer(r, think_close=think_close) for r in responses]
         to_check = [i for i, a in enumerate(answers) if a is not None]
-        checked = self.check([golds[i] for i in to_check], [answers[i] for i in to_check])
+        checked = self.check([golds[i] for i in to_check], [str(answers[i]) for i in to_check])
         verdicts = [Verdict(False, False, NO_ANSWER, None) for _ in responses]
         for i, (correct, status) in zip(to_check, checked):
             verdicts[i] = Verdict(correct, True, status, answers[i])
@@ -318,9 +318,11 @@ class AnswerVerifier:
                 worker = next(w for w in self._workers if w.outbox is conn)
                 remaining -= self._receive(worker, results, pending)
             remaining -= self._kill_overdue(results, pending)
-        for _, status in results:
+        done = [result for result in results if result is not None]
+        assert len(done) == len(results)  # the loop above ends when every item has a result
+        for _, status in done:
             self.stats[status] += 1
-        return results  # type: ignore[return-value]
+        return done
 
     def _receive(self, worker: _Worker, results: list, pending: deque) -> int:
         """Read everything the worker has sent; returns how many items it finished."""

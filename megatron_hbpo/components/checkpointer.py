@@ -8,19 +8,24 @@ which SIGTERM arrived; keep the newest `checkpoint.keep_last`; resume from `chec
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from megatron_hbpo.config import CheckpointConfig
 from megatron_hbpo.megatron import checkpoint as mechanism
 
+if TYPE_CHECKING:
+    from megatron_hbpo.megatron.train_step import MegatronPolicy
+
 
 class CheckpointManager:
     """Collective: every rank calls `resume` and `save` together."""
 
-    def __init__(self, cfg: CheckpointConfig, policy: Any, *, total_steps: int, log: Callable[[str], None] = print):
+    def __init__(self, cfg: CheckpointConfig, policy: MegatronPolicy, *, total_steps: int,
+                 log: Callable[[str], None] = print):
         self.cfg = cfg
         self.policy = policy
         self.total_steps = total_steps

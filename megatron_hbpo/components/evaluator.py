@@ -8,8 +8,9 @@ builds the same results document (the schema of evaluation/metrics.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -23,10 +24,14 @@ from megatron_hbpo.evaluation.tables import level_table, results_table
 from megatron_hbpo.rollout.engine import RolloutEngine, SamplingSettings
 from megatron_hbpo.seeding import seed_everything
 
+if TYPE_CHECKING:
+    from megatron_hbpo.algo.verify import AnswerVerifier
+
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, *, problems: Sequence[PromptRow], modes: Sequence[str], benchmark: str,
-                 max_tokens: int, prompts: PromptBuilder, engine: RolloutEngine | None, verifier: Any | None,
+                 max_tokens: int, prompts: PromptBuilder, engine: RolloutEngine | None,
+                 verifier: AnswerVerifier | None,
                  think_close: str, run_dir: Path, log: Callable[[str], None] = print):
         from megatron.core import parallel_state
 
@@ -53,6 +58,7 @@ class Evaluator:
         mine = self.problems[self.dp_rank::self.dp_size]
         records = []
         if self.engine is not None:
+            assert self.verifier is not None  # the engine rank has both
             seed_everything(self.cfg.seed, "eval", label, self.dp_rank)
             sampling = SamplingSettings(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                         max_tokens=self.max_tokens)

@@ -7,7 +7,8 @@ refit, and stops the run when a later step's mismatch jumps (algo/mismatch.refit
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,9 @@ import torch.distributed as dist
 from megatron_hbpo.algo.mismatch import refit_mismatch_problem
 from megatron_hbpo.config import RefitCheckConfig
 from megatron_hbpo.rollout.engine import RolloutEngine
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 REFIT_BUCKET_BYTES = 256 << 20
 
@@ -24,7 +28,7 @@ class RefitMismatchError(RuntimeError):
 
 
 class Refitter:
-    def __init__(self, model: torch.nn.Module, hf_config: Any, engine: RolloutEngine | None, *,
+    def __init__(self, model: torch.nn.Module, hf_config: PretrainedConfig, engine: RolloutEngine | None, *,
                  bucket_bytes: int = REFIT_BUCKET_BYTES):
         self.model = model
         self.hf_config = hf_config

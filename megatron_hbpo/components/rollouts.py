@@ -4,8 +4,9 @@ on the same records)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.rollout.engine import RolloutEngine, Sample, SamplingSettings
 from megatron_hbpo.rollout.requests import build_requests
+
+if TYPE_CHECKING:
+    from megatron_hbpo.algo.verify import AnswerVerifier
 
 
 @dataclass
@@ -61,7 +65,7 @@ class RolloutWorker:
     """
 
     def __init__(self, rollout: RolloutConfig, method: Method, prompts: PromptBuilder, *, think_close: str,
-                 engine: RolloutEngine | None, verifier: Any | None, group: Any, src: int):
+                 engine: RolloutEngine | None, verifier: AnswerVerifier | None, group: Any, src: int):
         self.rollout = rollout
         self.method = method
         self.prompts = prompts
@@ -83,6 +87,7 @@ class RolloutWorker:
             box = [records]
             dist.broadcast_object_list(box, src=self.src, group=self.group)
             records = box[0]
+        assert records is not None
         return records
 
     def _generate_and_verify(self, problems: Sequence[PromptRow], first: int, timer: Timer) -> list[RolloutRecord]:
@@ -104,9 +109,9 @@ class RolloutWorker:
             texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
             golds = [problems[s.group_id - first].answer for s in samples]
             verdicts = self.verifier.score(texts, golds, think_close=self.think_close)
-        return [RolloutRecord(prompt_ids=s.prompt_ids, response_ids=s.response_ids, logprobs=s.logprobs, length=s.length,
-                              budget=s.budget, group_id=s.group_id, level=problems[s.group_id - first].level,
-                              correct=v.correct,
+        return [RolloutRecord(prompt_ids=s.prompt_ids, response_ids=s.response_ids, logprobs=s.logprobs,
+                              length=s.length, budget=s.budget, group_id=s.group_id,
+                              level=problems[s.group_id - first].level, correct=v.correct,
                               # A truncated response is a format error (docs/method.md, the reward).
                               format_ok=v.format_ok and not s.truncated, truncated=s.truncated)
                 for s, v in zip(samples, verdicts)]

@@ -17,15 +17,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_hbpo.config import ParallelConfig
 from megatron_hbpo.atomic import atomic_directory
-from megatron_hbpo.convert.hf_io import CheckpointError, HFCheckpoint, copy_side_files, \
-    write_safetensors
+from megatron_hbpo.config import ParallelConfig
+from megatron_hbpo.convert.hf_io import CheckpointError, HFCheckpoint, copy_side_files, write_safetensors
 from megatron_hbpo.convert.mapping import hf_to_megatron_tensors, megatron_to_hf
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MARKER = "hbpo_checkpoint.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,7 +40,7 @@ def _cpu_world_of_one() -> None:
     parallel.initialize(ParallelConfig(), seed=0)
 
 
-def _build(hf_config: Any, dtype: str):
+def _build(hf_config: PretrainedConfig, dtype: str):
     from megatron_hbpo.megatron.model import build_gpt_model, model_config_from_hf
 
     model_cfg = model_config_from_hf(hf_config, params_dtype=dtype, transformer_impl="local")

@@ -10,7 +10,8 @@ The HF names come from the same mapping as the offline converter.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ import torch.distributed as dist
 from megatron_hbpo.convert.mapping import megatron_to_hf
 from megatron_hbpo.megatron.sharding import full_shape, gather_full
 from megatron_hbpo.megatron.state import global_name, unwrap
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -28,7 +32,7 @@ class HFExportStream:
     `peak_bytes`: the most the stream has held at once (at most bucket_bytes + max_tensor_bytes).
     """
 
-    def __init__(self, model: torch.nn.Module, hf_config: Any, *, bucket_bytes: int):
+    def __init__(self, model: torch.nn.Module, hf_config: PretrainedConfig, *, bucket_bytes: int):
         from megatron.core import parallel_state
 
         if bucket_bytes <= 0:

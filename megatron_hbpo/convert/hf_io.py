@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -39,7 +40,8 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}/config.json: {e}") from None
         if self.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(f"{self.path}: unsupported architecture {self.config.model_type!r} "
-                                  f"({getattr(self.config, 'architectures', None)}); supported: {list(SUPPORTED_MODEL_TYPES)}")
+                                  f"({getattr(self.config, 'architectures', None)}); supported: "
+                                  f"{list(SUPPORTED_MODEL_TYPES)}")
         index = self.path / WEIGHT_INDEX
         if index.is_file():
             self.weight_map = json.loads(index.read_text())["weight_map"]
@@ -112,7 +114,9 @@ def write_safetensors(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]]
     from safetensors.torch import save_file
 
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes, files, weight_map, total = 0, [], {}, 0
+    shard_bytes, total = 0, 0
+    files: list[tuple[str, list[str]]] = []
+    weight_map: dict[str, str] = {}
 
     def flush():
         nonlocal shard, shard_bytes

@@ -10,9 +10,13 @@ the fused linears (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # The HF model types this mapping (and the Megatron model builder) supports.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -28,13 +32,13 @@ _DIRECT = {
 }
 
 
-def _heads(hf_config: Any) -> tuple[int, int, int]:
+def _heads(hf_config: PretrainedConfig) -> tuple[int, int, int]:
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     return heads, groups, head_dim
 
 
-def split_qkv(fused: torch.Tensor, hf_config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(fused: torch.Tensor, hf_config: PretrainedConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Megatron's grouped [q.., k, v] x groups (weight [.., hidden] or bias [..]) -> HF q, k, v."""
     heads, groups, head_dim = _heads(hf_config)
     per_group = heads // groups
@@ -45,7 +49,7 @@ def split_qkv(fused: torch.Tensor, hf_config: Any) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf_config: Any) -> torch.Tensor:
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf_config: PretrainedConfig) -> torch.Tensor:
     heads, groups, head_dim = _heads(hf_config)
     per_group = heads // groups
     rest = q.shape[1:]
@@ -54,7 +58,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf_config: Any) 
     return grouped.reshape(-1, *rest)
 
 
-def megatron_to_hf(name: str, tensor: torch.Tensor, hf_config: Any) -> list[tuple[str, torch.Tensor]]:
+def megatron_to_hf(name: str, tensor: torch.Tensor, hf_config: PretrainedConfig) -> list[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one full Megatron tensor (GPTModel names, no wrapper prefixes)."""
     vocab = hf_config.vocab_size
     if name == "embedding.word_embeddings.weight":
@@ -80,7 +84,7 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, hf_config: Any) -> list[tupl
     raise KeyError(f"no Hugging Face name for Megatron parameter {name!r}")
 
 
-def expected_hf_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of this config must hold, with its shape."""
     heads, groups, head_dim = _heads(hf_config)
     hidden, ffn, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
@@ -102,12 +106,13 @@ def expected_hf_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
             p + "post_attention_layernorm.weight": (hidden,),
         })
         if qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (heads * head_dim,), p + "self_attn.k_proj.bias": (groups * head_dim,),
+            shapes.update({p + "self_attn.q_proj.bias": (heads * head_dim,),
+                           p + "self_attn.k_proj.bias": (groups * head_dim,),
                            p + "self_attn.v_proj.bias": (groups * head_dim,)})
     return shapes
 
 
-def hf_to_megatron_tensors(get: Callable[[str], torch.Tensor], hf_config: Any, padded_vocab: int, *,
+def hf_to_megatron_tensors(get: Callable[[str], torch.Tensor], hf_config: PretrainedConfig, padded_vocab: int, *,
                            transformer_engine: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(Megatron name, full tensor) pairs, reading HF tensors through `get` one layer at a time."""
     def pad_vocab(t: torch.Tensor) -> torch.Tensor:
@@ -132,14 +137,15 @@ def hf_to_megatron_tensors(get: Callable[[str], torch.Tensor], hf_config: Any, p
             yield mc + "self_attention.linear_qkv.bias", fuse_qkv(
                 get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), hf_config)
         yield mc + "self_attention.linear_proj.weight", get(attn + "o_proj.weight")
-        yield mc + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
+        gate_up = [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")]
+        yield mc + "mlp.linear_fc1.weight", torch.cat(gate_up)
         yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
     yield "decoder.final_layernorm.weight", get("model.norm.weight")
     if not hf_config.tie_word_embeddings:
         yield "output_layer.weight", pad_vocab(get("lm_head.weight"))
 
 
-def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config: Any, padded_vocab: int, *,
+def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config: PretrainedConfig, padded_vocab: int, *,
                    transformer_engine: bool = False) -> dict[str, torch.Tensor]:
     """A full Megatron GPTModel state (local-spec or TE names) from an in-memory HF state dict."""
     return dict(hf_to_megatron_tensors(hf_state.__getitem__, hf_config, padded_vocab,

@@ -15,11 +15,17 @@ the response length (docs/method.md, "Hierarchical budget exploration").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
 
 from megatron_hbpo.algo.budgets import budget_sentence
 from megatron_hbpo.algo.constants import BUDGET_TEMPLATE, EFFICIENCY_SENTENCE, PROMPT_TEMPLATE, THINK_OPEN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from megatron_hbpo.config import AlgoConfig, DataConfig
 
 NATURAL = "natural"
 EFFICIENCY = "efficiency"
@@ -67,7 +73,7 @@ def add_think_prefix(prompt: str, sentence: str, *, think_open: str = THINK_OPEN
     return prompt + think_open + sentence
 
 
-def render_chat_prompt(tokenizer: Any, user_text: str, *, system_prompt: str | None = None) -> str:
+def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, *, system_prompt: str | None = None) -> str:
     """The chat template's rendering of one user turn, ending with the assistant generation prompt."""
     messages = [{"role": "user", "content": user_text}]
     if system_prompt:
@@ -86,7 +92,7 @@ class PromptFormat:
     think_open: str = THINK_OPEN
 
     @classmethod
-    def of(cls, data: Any, algo: Any) -> PromptFormat:
+    def of(cls, data: DataConfig, algo: AlgoConfig) -> PromptFormat:
         """From a recipe's `data` and `algo` sections."""
         return cls(template=data.prompt_template, system_prompt=data.system_prompt,
                    budget_template=algo.budget_template, think_open=algo.think_open)
@@ -95,7 +101,7 @@ class PromptFormat:
 class PromptBuilder:
     """Problem + mode -> prompt text and ids, with one tokenizer and one PromptFormat."""
 
-    def __init__(self, tokenizer: Any, fmt: PromptFormat):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat):
         self.tokenizer = tokenizer
         self.format = fmt
 
@@ -107,6 +113,7 @@ class PromptBuilder:
         if mode == EFFICIENCY:
             return add_think_prefix(rendered, EFFICIENCY_SENTENCE, think_open=f.think_open)
         budget = mode_budget(parse_mode(mode))
+        assert budget is not None  # parse_mode accepted it and it is neither natural nor efficiency
         return add_think_prefix(rendered, budget_sentence(budget, f.budget_template), think_open=f.think_open)
 
     def ids(self, problem: str, mode: str = NATURAL) -> list[int]:

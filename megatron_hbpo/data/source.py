@@ -10,7 +10,7 @@ exactly the prompts the interrupted run would have seen.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from megatron_hbpo.config import DataConfig
 from megatron_hbpo.data.prompts import DataError, PromptRow, load_prompts

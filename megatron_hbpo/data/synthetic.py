@@ -90,7 +90,7 @@ def response_text(problem: Problem, style: Style, *, rng: random.Random | None =
     total, lines, right_lines, caught = problem.operands[0], [], [], 0
     for tag, operand in zip(TAGS[1:], problem.operands[1:]):
         right = (total + operand) % 10
-        result = _wrong_digit(rng, right) if error_rate and rng.random() < error_rate else right
+        result = _wrong_digit(rng, right) if rng is not None and error_rate and rng.random() < error_rate else right
         line = _step_line(total, tag, operand, result)
         if style == "steps":
             lines.append(line)

@@ -98,7 +98,7 @@ def adherence_by_target(
     def pick(values: Sequence | None, idx: list[int]) -> list | None:
         return None if values is None else [values[i] for i in idx]
 
-    return {target: adherence_metrics(pick(lengths, idx), target, kind=kind, soft_margin=soft_margin,
+    return {target: adherence_metrics([lengths[i] for i in idx], target, kind=kind, soft_margin=soft_margin,
                                       correct=pick(correct, idx), truncated=pick(truncated, idx))
             for target, idx in sorted(groups.items())}
 

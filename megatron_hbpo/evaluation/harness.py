@@ -8,7 +8,8 @@ sampled and scored the same way everywhere.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from megatron_hbpo.algo.constants import THINK_CLOSE
 from megatron_hbpo.data.chat import PromptBuilder, mode_budget
@@ -16,8 +17,12 @@ from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.evaluation.records import REFLECTION_KEYWORDS, Generated, ScoredResponse, score_responses
 from megatron_hbpo.rollout.engine import Request, RolloutEngine, SamplingSettings
 
+if TYPE_CHECKING:
+    from megatron_hbpo.algo.verify import AnswerVerifier
 
-def generate_and_score(engine: RolloutEngine, prompts: PromptBuilder, verifier: Any, problems: Sequence[PromptRow], *,
+
+def generate_and_score(engine: RolloutEngine, prompts: PromptBuilder, verifier: AnswerVerifier,
+                       problems: Sequence[PromptRow], *,
                        benchmark: str, modes: Sequence[str], n: int, sampling: SamplingSettings,
                        think_close: str = THINK_CLOSE, keywords: Sequence[str] = REFLECTION_KEYWORDS,
                        keep_text: bool = True) -> list[ScoredResponse]:

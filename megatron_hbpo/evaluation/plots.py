@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from megatron_hbpo import atomic
 from megatron_hbpo.evaluation.metrics import ALL

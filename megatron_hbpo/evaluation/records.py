@@ -9,10 +9,14 @@ truncation is a format error.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from megatron_hbpo.algo.constants import THINK_CLOSE
+
+if TYPE_CHECKING:
+    from megatron_hbpo.algo.verify import AnswerVerifier
 
 # Self-reflection / hesitation markers counted per response (whole words, any case). Longer
 # keywords are matched first, so "double-check" is not also a "check".
@@ -131,7 +135,7 @@ class Generated:
     budget: int | None = None
 
 
-def score_responses(generated: Sequence[Generated], verifier: Any, *, eos_token_id: int | None,
+def score_responses(generated: Sequence[Generated], verifier: AnswerVerifier, *, eos_token_id: int | None,
                     close_ids: Sequence[int], think_close: str = THINK_CLOSE,
                     decode: Callable[[Sequence[int]], str] | None = None,
                     keywords: Sequence[str] = REFLECTION_KEYWORDS, keep_text: bool = True) -> list[ScoredResponse]:

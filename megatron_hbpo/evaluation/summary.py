@@ -10,8 +10,9 @@ It is derived from the two evaluation results (eval_before.json, eval_after.json
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from megatron_hbpo.data.chat import NATURAL
 from megatron_hbpo.evaluation.metrics import ALL

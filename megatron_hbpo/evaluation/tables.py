@@ -9,8 +9,9 @@ distribution, thinking/answer split, rates), `compare_table` (two results and th
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from megatron_hbpo.evaluation.metrics import ALL, average_over_benchmarks
 
@@ -98,7 +99,8 @@ def details_table(result: Mapping[str, Any]) -> str:
         for name, metrics in per_benchmark.items():
             m, t = metrics["all"], metrics["all"]["tokens"]
             rows.append([mode, benchmark_title(name), str(m["samples"]), f"{100 * m['accuracy']:.1f}",
-                         f"{t['mean']:.0f}", f"{t['median']:.0f}", f"{t['p90']:.0f}", f"{m['mean_thinking_tokens']:.0f}",
+                         f"{t['mean']:.0f}", f"{t['median']:.0f}", f"{t['p90']:.0f}",
+                         f"{m['mean_thinking_tokens']:.0f}",
                          f"{m['mean_answer_tokens']:.0f}", f"{100 * m['truncation_rate']:.1f}",
                          f"{100 * m['no_think_close_rate']:.1f}", f"{100 * m['format_error_rate']:.1f}",
                          f"{m['reflections']['total']:.2f}"])
@@ -146,7 +148,8 @@ def compare_table(a: Mapping[str, Any], b: Mapping[str, Any], *, label_a: str | 
             if levels:
                 blocks.append(markdown_table(
                     [f"{benchmark_title(name)} ({mode})", *(f"level {lv}" for lv in levels)],
-                    [[label_a, *(cell(pair(la[lv])) for lv in levels)], [label_b, *(cell(pair(lb[lv])) for lv in levels)],
+                    [[label_a, *(cell(pair(la[lv])) for lv in levels)],
+                     [label_b, *(cell(pair(lb[lv])) for lv in levels)],
                      ["delta", *(delta_cell(pair(la[lv]), pair(lb[lv])) for lv in levels)]]))
     header = ["mode", "model", *(benchmark_title(x) for x in benchmarks), "Avg"]
     return "\n\n".join([markdown_table(header, rows), *blocks]) + "\n"

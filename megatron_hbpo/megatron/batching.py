@@ -11,7 +11,9 @@ reported as `padding_fraction`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,10 +90,10 @@ class MicroBatch:
     logp_ref: torch.Tensor | None
     logp_rollout: torch.Tensor | None
 
-    def to(self, device: torch.device | str) -> "MicroBatch":
-        moved = {name: (value.to(device) if isinstance(value, torch.Tensor) else value)
-                 for name, value in self.__dict__.items()}
-        return MicroBatch(**moved)
+    def to(self, device: torch.device | str) -> MicroBatch:
+        moved: dict[str, Any] = {name: value.to(device) for name, value in self.__dict__.items()
+                                 if isinstance(value, torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
 
 def _scatter_response(sequences: list[PolicySequence], attr: str, shape: tuple[int, int]) -> torch.Tensor | None:

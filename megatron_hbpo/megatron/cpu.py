@@ -56,7 +56,7 @@ class _NullEvent:
     """Host-clock event, so that Megatron's timers still measure something on CPU."""
 
     def __init__(self, *args, **kwargs):
-        self.time = None
+        self.time = 0.0
 
     def record(self, *args, **kwargs):
         self.time = time.perf_counter()
@@ -70,7 +70,7 @@ class _NullEvent:
     def query(self):
         return True
 
-    def elapsed_time(self, end: "_NullEvent") -> float:
+    def elapsed_time(self, end: _NullEvent) -> float:
         return (end.time - self.time) * 1000.0
 
 
@@ -81,15 +81,20 @@ def enable() -> bool:
         return True
     if torch.cuda.is_available():
         return False
-    torch.cuda.current_device = lambda: "cpu"  # rotary embedding, global memory buffer
+    # Monkeypatching torch.cuda is the point of this module: setattr keeps the type checker out of it.
+    patches = {
+        "current_device": lambda: "cpu",  # rotary embedding, global memory buffer
+        "synchronize": lambda *args, **kwargs: None,
+        "empty_cache": lambda *args, **kwargs: None,
+        "Stream": _NullStream,
+        "current_stream": lambda *args, **kwargs: _NullStream(),
+        "default_stream": lambda *args, **kwargs: _NullStream(),
+        "stream": lambda *args, **kwargs: contextlib.nullcontext(),
+        "Event": _NullEvent,
+    }
+    for name, value in patches.items():
+        setattr(torch.cuda, name, value)
     _CudaToCpu().__enter__()  # stays on for the life of the process
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    torch.cuda.empty_cache = lambda *args, **kwargs: None
-    torch.cuda.Stream = _NullStream
-    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
-    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
-    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    torch.cuda.Event = _NullEvent
 
     original_type = torch.Tensor.type
 
@@ -100,7 +105,8 @@ def enable() -> bool:
             return name.replace("torch.", "torch.cuda.", 1)
         return name
 
-    torch.Tensor.type = cuda_named_type  # clip_grads and the distributed optimizer assert cuda types
+    # clip_grads and the distributed optimizer assert cuda types.
+    torch.Tensor.type = cuda_named_type  # type: ignore[method-assign]
     _enabled = True
     return True
 

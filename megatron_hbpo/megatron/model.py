@@ -8,12 +8,15 @@ present, Megatron's local spec otherwise (CPU, CI). The vocabulary is padded to 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from megatron_hbpo.config import ConfigError, ModelConfig, ParallelConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _FAMILY_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
 
@@ -28,7 +31,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
     return -(-vocab_size // multiple) * multiple
 
 
-def rope_settings(hf_config: Any) -> tuple[float, dict | None]:
+def rope_settings(hf_config: PretrainedConfig) -> tuple[float, dict | None]:
     """(rope theta, rope-scaling dict or None) from a transformers config of either generation."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
@@ -60,7 +63,7 @@ def hf_config_from_recipe(model: ModelConfig) -> Any:
     return LlamaConfig(attention_bias=model.add_qkv_bias, mlp_bias=False, **common)
 
 
-def model_config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+def model_config_from_hf(hf_config: PretrainedConfig, **overrides: Any) -> ModelConfig:
     """The recipe's model section that describes an HF config (e.g. for conversion tools)."""
     if hf_config.model_type not in _FAMILY_MODEL_TYPES.values():
         raise ConfigError(f"model.family: unsupported architecture {hf_config.model_type!r} "
@@ -81,7 +84,7 @@ def model_config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def check_hf_config(model: ModelConfig, hf_config: Any) -> None:
+def check_hf_config(model: ModelConfig, hf_config: PretrainedConfig) -> None:
     """Raise ConfigError where the recipe's architecture disagrees with a checkpoint's config.json."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type != _FAMILY_MODEL_TYPES[model.family]:
@@ -99,7 +102,7 @@ def check_hf_config(model: ModelConfig, hf_config: Any) -> None:
                               f"says {value}; fix the recipe")
 
 
-def _set_scaled_rope(gpt: Any, hf_config: Any, scaling: dict) -> None:
+def _set_scaled_rope(gpt: Any, hf_config: PretrainedConfig, scaling: dict) -> None:
     """Llama-3 rope scaling with the checkpoint's own constants.
 
     Megatron-Core's `rope_scaling` hard-codes low/high frequency factors and the original context
@@ -134,7 +137,7 @@ def use_transformer_engine(impl: str) -> bool:
     return available
 
 
-def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
+def transformer_config(hf_config: PretrainedConfig, model: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
                        variable_seq_lengths: bool = False, initialize: bool = True):
     """Megatron TransformerConfig for a Qwen2/Llama HF config and the recipe's precision/parallel knobs."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -193,8 +196,9 @@ def transformer_config(hf_config: Any, model: ModelConfig, parallel: ParallelCon
     )
 
 
-def build_gpt_model(hf_config: Any, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
-                    post_process: bool = True, variable_seq_lengths: bool = False, initialize: bool = True):
+def build_gpt_model(hf_config: PretrainedConfig, model: ModelConfig, parallel: ParallelConfig, *,
+                    pre_process: bool = True, post_process: bool = True, variable_seq_lengths: bool = False,
+                    initialize: bool = True) -> Any:
     """One pipeline stage of the policy (all of it when PP = 1), on the current device."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (

@@ -15,11 +15,16 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def partition_dim(param: torch.Tensor) -> int:
+    """The dimension Megatron split a TP-sharded parameter along (an attribute it sets on the tensor)."""
+    return int(param.partition_dim)  # type: ignore[attr-defined]
+
+
 def full_shape(param: torch.Tensor, world: int) -> list[int]:
     """Shape of the full tensor whose TP shard (of `world` ranks) `param` is."""
     shape = list(param.shape)
     if is_tensor_parallel(param):
-        shape[param.partition_dim] *= world
+        shape[partition_dim(param)] *= world
     return shape
 
 
@@ -27,7 +32,7 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> 
     """This rank's slice of `full` for a parameter laid out like `param`."""
     if not is_tensor_parallel(param) or world == 1:
         return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    dim, stride = partition_dim(param), getattr(param, "partition_stride", 1)
     blocks = full.chunk(stride, dim=dim)
     return torch.cat([block.chunk(world, dim=dim)[rank] for block in blocks], dim=dim)
 
@@ -40,7 +45,7 @@ def gather_full(local: torch.Tensor, param: torch.Tensor, group: dist.ProcessGro
     world = dist.get_world_size(group)
     if not is_tensor_parallel(param) or world == 1:
         return local
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    dim, stride = partition_dim(param), getattr(param, "partition_stride", 1)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
     pieces = [part.chunk(stride, dim=dim) for part in parts]

@@ -9,7 +9,8 @@ tied embeddings the last stage's `output_layer.weight` is a copy of the embeddin
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -19,14 +20,15 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside Megatron's DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+def unwrap(module: torch.nn.Module) -> Any:
+    """The GPTModel inside Megatron's DDP / Float16Module wrappers (Any: megatron-core has no types)."""
+    inner: Any = module
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return inner
 
 
-def layer_offset(gpt: torch.nn.Module) -> int:
+def layer_offset(gpt: Any) -> int:
     from megatron.core import parallel_state
 
     config = gpt.config
@@ -65,8 +67,8 @@ def load_full_state(model: torch.nn.Module, get_full: Callable[[str], torch.Tens
             full = _fit_rows(full, full_shape(param, world)[0])
         shard = shard_of(full, param, rank, world)
         if shard.shape != param.shape:
-            raise ValueError(f"{name}: full tensor {tuple(full.shape)} gives a shard of {tuple(shard.shape)} on TP rank "
-                             f"{rank}, the parameter is {tuple(param.shape)}")
+            raise ValueError(f"{name}: full tensor {tuple(full.shape)} gives a shard of {tuple(shard.shape)} on TP "
+                             f"rank {rank}, the parameter is {tuple(param.shape)}")
         param.copy_(shard.to(dtype=param.dtype, device=param.device))
 
 
@@ -81,7 +83,8 @@ def iter_full_tensors(model: torch.nn.Module, *, grads: bool = False) -> Iterato
     for local_name, param in gpt.named_parameters():
         tensor = param.detach()
         if grads:
-            tensor = getattr(param, "main_grad", None)
-            if tensor is None:
-                tensor = param.grad if param.grad is not None else torch.zeros_like(param)
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            tensor = grad
         yield global_name(local_name, gpt), gather_full(tensor.detach(), param)

@@ -19,24 +19,34 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_hbpo.algo.loss import PolicyLoss
 from megatron_hbpo.config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_hbpo.megatron.batching import MicroBatch, PolicySequence, collate, gather_response, padding_fraction, \
-    plan_microbatches
+from megatron_hbpo.megatron.batching import (
+    MicroBatch,
+    PolicySequence,
+    collate,
+    gather_response,
+    padding_fraction,
+    plan_microbatches,
+)
 from megatron_hbpo.megatron.logprobs import token_logprobs
 from megatron_hbpo.megatron.model import build_gpt_model
 from megatron_hbpo.megatron.state import load_full_state, unwrap
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
-def _device() -> torch.device | str:
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class NonFiniteError(FloatingPointError):
@@ -60,8 +70,8 @@ class TrainStepResult:
 class MegatronPolicy:
     """The policy's Megatron side. Requires `megatron.parallel.initialize` to have run."""
 
-    def __init__(self, hf_config: Any, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig, *,
-                 micro_batch_tokens: int, optimizer_steps: int):
+    def __init__(self, hf_config: PretrainedConfig, model: ModelConfig, parallel: ParallelConfig,
+                 optimizer: OptimizerConfig, *, micro_batch_tokens: int, optimizer_steps: int):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -85,7 +95,8 @@ class MegatronPolicy:
         module = Float16Module(config, gpt) if config.bf16 else gpt
         opt = optimizer
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=opt.use_distributed_optimizer,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=opt.use_distributed_optimizer,
             check_for_nan_in_grad=False,  # checked below, with parameter names and on all ranks at once
         )
         self.model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)]
@@ -193,6 +204,7 @@ class MegatronPolicy:
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logp, entropy = token_logprobs(logits, batch.labels, vocab_size=self.vocab_size,
                                            temperature=loss_fn.temperature, with_entropy=True)
+            assert entropy is not None
             out = loss_fn(logp, batch)
             if not torch.isfinite(out.loss_sum.detach()):
                 self._bad_micro_batches.append(

@@ -5,8 +5,9 @@ The trainer only talks to this protocol, so the algorithm never depends on which
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

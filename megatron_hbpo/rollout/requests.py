@@ -3,7 +3,7 @@ each prompt's n rollouts over its modes (HBPO: n / k samples under each budget; 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron_hbpo.data.chat import PromptBuilder, mode_budget
 from megatron_hbpo.rollout.engine import Request, SamplingSettings

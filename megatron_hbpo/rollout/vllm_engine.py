@@ -25,14 +25,15 @@ updated in place, so the output layer is exact there without it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from megatron_hbpo.convert.mapping import expected_hf_shapes
-from megatron_hbpo.runtime import require_in_process_vllm
 from megatron_hbpo.rollout.engine import Request, Sample, WeightStream
+from megatron_hbpo.runtime import require_in_process_vllm
 
 
 class RefitError(ValueError):
