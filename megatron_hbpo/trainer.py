@@ -53,29 +53,28 @@ class Schedule:
     mismatch_threshold: float  # logging.mismatch_threshold: |diff| counted in mismatch/frac_above
 
 
+@dataclass
 class Trainer:
     """Composes the components; `run()` trains from the resumed step to the last. Requires
     `megatron.parallel.initialize`."""
 
-    def __init__(self, schedule: Schedule, *, policy: MegatronPolicy, method: Method, source: PromptSource,
-                 rollouts: RolloutWorker, refitter: Refitter, guard: RefitGuard, checkpoints: CheckpointManager,
-                 evaluator: Evaluator | None, make_logger: Callable[[int], MetricsLogger], temperature: float,
-                 log: Callable[[str], None] = print):
+    schedule: Schedule
+    policy: MegatronPolicy
+    method: Method
+    source: PromptSource
+    rollouts: RolloutWorker
+    refitter: Refitter
+    guard: RefitGuard
+    checkpoints: CheckpointManager
+    evaluator: Evaluator | None
+    make_logger: Callable[[int], MetricsLogger]
+    temperature: float  # the rollout temperature: logp_old is taken at it
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
         from megatron.core import parallel_state
 
-        self.schedule = schedule
-        self.policy = policy
-        self.method = method
-        self.loss = method.loss()
-        self.source = source
-        self.rollouts = rollouts
-        self.refitter = refitter
-        self.guard = guard
-        self.checkpoints = checkpoints
-        self.evaluator = evaluator
-        self.make_logger = make_logger
-        self.temperature = temperature
-        self.log = log
+        self.loss = self.method.loss()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,24 +29,26 @@ if TYPE_CHECKING:
     from megatron_hbpo.algo.verify import AnswerVerifier
 
 
+@dataclass
 class Evaluator:
-    def __init__(self, cfg: EvalConfig, *, problems: Sequence[PromptRow], modes: Sequence[str], benchmark: str,
-                 max_tokens: int, prompts: PromptBuilder, engine: RolloutEngine | None,
-                 verifier: AnswerVerifier | None,
-                 think_close: str, run_dir: Path, log: Callable[[str], None] = print):
+    """engine / verifier: on the model-parallel group's engine rank only (None elsewhere)."""
+
+    cfg: EvalConfig
+    problems: Sequence[PromptRow]
+    modes: Sequence[str]
+    benchmark: str
+    max_tokens: int
+    prompts: PromptBuilder
+    engine: RolloutEngine | None
+    verifier: AnswerVerifier | None
+    think_close: str
+    run_dir: Path
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
         from megatron.core import parallel_state
 
-        self.cfg = cfg
-        self.problems = list(problems)
-        self.modes = list(modes)
-        self.benchmark = benchmark
-        self.max_tokens = max_tokens
-        self.prompts = prompts
-        self.engine = engine
-        self.verifier = verifier
-        self.think_close = think_close
-        self.run_dir = Path(run_dir)
-        self.log = log
+        self.run_dir = Path(self.run_dir)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 

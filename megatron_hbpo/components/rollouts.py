@@ -57,6 +57,7 @@ def policy_sequences(records: Sequence[RolloutRecord], advantages: torch.Tensor)
             for x, adv in zip(records, advantages)]
 
 
+@dataclass
 class RolloutWorker:
     """Generates and verifies (on the group's engine rank) and shares the records over `group`.
 
@@ -64,18 +65,18 @@ class RolloutWorker:
     whose first rank `src` holds the engine.
     """
 
-    def __init__(self, rollout: RolloutConfig, method: Method, prompts: PromptBuilder, *, think_close: str,
-                 engine: RolloutEngine | None, verifier: AnswerVerifier | None, group: Any, src: int):
-        self.rollout = rollout
-        self.method = method
-        self.prompts = prompts
-        self.think_close = think_close
-        self.engine = engine
-        self.verifier = verifier
-        self.group = group
-        self.src = src
-        self.holds_engine = dist.get_rank() == src
-        if self.holds_engine and (engine is None or verifier is None):
+    rollout: RolloutConfig
+    method: Method
+    prompts: PromptBuilder
+    think_close: str
+    engine: RolloutEngine | None
+    verifier: AnswerVerifier | None
+    group: Any
+    src: int
+
+    def __post_init__(self) -> None:
+        self.holds_engine = dist.get_rank() == self.src
+        if self.holds_engine and (self.engine is None or self.verifier is None):
             raise ValueError("the first rank of each model-parallel group needs a rollout engine and a verifier")
 
     def run(self, problems: Sequence[PromptRow], first_group_id: int, timer: Timer) -> list[RolloutRecord]:
