@@ -66,6 +66,10 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     # Layer implementation: Transformer Engine when CUDA and TE are present ("auto"), or forced.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    # Core attention (docs/attention.md): "te" (Transformer Engine, needs its layers), "sdpa" (torch
+    # scaled_dot_product_attention), "unfused" (Megatron's explicit softmax); "auto" = te with TE
+    # layers, sdpa otherwise.
+    attention_backend: Literal["auto", "te", "sdpa", "unfused"] = "auto"
     # FP8 training (Transformer Engine only): null, "delayed" scaling or "current" (per-tensor) scaling.
     fp8: Optional[Literal["delayed", "current"]] = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
@@ -530,6 +534,9 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     _check(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
     _check(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by",
            f"must be >= 1, got {m.make_vocab_size_divisible_by}")
+    _check(not (m.attention_backend == "te" and m.transformer_impl == "local"), "model.attention_backend",
+           "te needs Transformer Engine layers; set model.transformer_impl to auto or transformer_engine, or use "
+           "attention_backend sdpa")
     if m.fp8 is not None:
         _check(m.transformer_impl != "local", "model.fp8",
                "FP8 needs Transformer Engine layers; set model.transformer_impl to auto or transformer_engine")
