@@ -8,7 +8,8 @@ import torch
 
 from conftest import REPO, run_torchrun
 from megatron_hbpo.config import ConfigError, load_recipe
-from megatron_hbpo.megatron.attention import _LastMask, plan_mask, resolve_backend, sdpa, sdpa_kernels_used
+from megatron_hbpo.megatron.attention import _LastMask, plan_mask, resolve_backend, sdpa, sdpa_kernels_used, \
+    shared_prefix_mask
 
 TINY = REPO / "recipes" / "tiny_cpu.yaml"
 
@@ -70,6 +71,9 @@ def test_sdpa_equals_float64_reference(case):
             allowed[start:end, :6] = True
             allowed[start:end, start:end] = ~causal(end - start)
         mask = (~allowed)[None, None]
+        built, positions = shared_prefix_mask(6, [5, 9], s)
+        assert torch.equal(built, mask[0, 0])
+        assert positions.tolist() == list(range(6)) + list(range(6, 11)) + list(range(6, 15))
     elif case == "left padding":
         mask = (causal(s) | (torch.arange(s) < 4)[None, :])[None, None].expand(b, 1, s, s).clone()
         mask[1] = causal(s)

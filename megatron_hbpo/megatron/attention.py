@@ -59,6 +59,33 @@ def layer_spec(*, use_te: bool, backend: str):
     return spec
 
 
+def shared_prefix_mask(prompt_length: int, branch_lengths: list[int], length: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed row: a prompt, then branches (e.g. several summaries of it) that each attend to the
+    prompt and to their own earlier tokens, never to each other; the rest of the row is padding that
+    attends causally to everything before it.
+
+    Returns (mask [length, length] bool, True = masked: Megatron's convention; position ids [length]:
+    each branch continues from the prompt's last position, padding continues from the row's end).
+    """
+    used = prompt_length + sum(branch_lengths)
+    if used > length:
+        raise ValueError(f"prompt {prompt_length} + branches {branch_lengths} exceed the row length {length}")
+    lower = torch.ones(length, length, dtype=torch.bool).tril_()
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    positions = torch.arange(length)
+    allowed[:prompt_length, :prompt_length] = lower[:prompt_length, :prompt_length]
+    start = prompt_length
+    for branch in branch_lengths:
+        span = slice(start, start + branch)
+        allowed[span, :prompt_length] = True
+        allowed[span, span] = lower[:branch, :branch]
+        positions[span] = torch.arange(prompt_length, prompt_length + branch)
+        start += branch
+    allowed[used:] = lower[used:]
+    return ~allowed, positions
+
+
 class _MaskPlan:
     """What one attention mask turns into for SDPA: `is_causal`, or a boolean mask of allowed pairs;
     `dead_rows` ([b, 1, sq, 1] or None): query rows Megatron's mask leaves nothing to attend to."""

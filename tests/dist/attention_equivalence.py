@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_hbpo.config import ModelConfig, ParallelConfig
 from megatron_hbpo.megatron import parallel
-from megatron_hbpo.megatron.attention import SdpaAttention, sdpa_kernels_used
+from megatron_hbpo.megatron.attention import SdpaAttention, plan_mask, sdpa_kernels_used, shared_prefix_mask
 from megatron_hbpo.megatron.logprobs import token_logprobs
 from megatron_hbpo.megatron.model import build_gpt_model, hf_config_from_recipe, transformer_config
 
@@ -49,26 +49,8 @@ def padded_mask(lengths: list[int], s: int, *, left: bool) -> torch.Tensor:
 
 
 def tree_mask(rows: list[tuple[int, list[int]]], s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows of a shared prompt followed by several branches (summaries) that each see the
-    prompt and their own earlier tokens, never each other; the rest of the row is padding.
-    rows: (prompt length, [branch lengths]) per row. Returns ([b, 1, s, s] mask, [b, s] positions)."""
-    masks, positions = [], []
-    for prompt, branches in rows:
-        allowed = torch.zeros(s, s, dtype=torch.bool)
-        allowed[:prompt, :prompt] = ~causal(prompt)
-        pos = torch.zeros(s, dtype=torch.long)
-        pos[:prompt] = torch.arange(prompt)
-        start = prompt
-        for length in branches:
-            span = slice(start, start + length)
-            allowed[span, :prompt] = True
-            allowed[span, span] = ~causal(length)
-            pos[span] = torch.arange(prompt, prompt + length)
-            start += length
-        allowed[start:, :start] = True  # padding looks back at the row, as right padding does
-        allowed[start:, start:] = ~causal(s - start)
-        masks.append(~allowed)
-        positions.append(pos)
+    """[b, 1, s, s] mask and [b, s] positions of packed rows (prompt length, [branch lengths])."""
+    masks, positions = zip(*(shared_prefix_mask(prompt, branches, s) for prompt, branches in rows))
     return torch.stack(masks).unsqueeze(1), torch.stack(positions)
 
 
@@ -140,8 +122,6 @@ def check_core(failures: list[str], rank: int, device: torch.device) -> None:
                     failures.append(f"the causal bf16 path cannot run on flash alone: {error}")
         print(line, flush=True)
     # Unfused-equal results do not prove the fast path ran: the plain causal mask must reach SDPA as is_causal.
-    from megatron_hbpo.megatron.attention import plan_mask
-
     if not plan_mask(mask_cases(b, s)["causal"], s, s, causal_type=True).is_causal:
         failures.append("a plain causal mask did not take the is_causal path")
 

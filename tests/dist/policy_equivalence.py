@@ -2,12 +2,16 @@
 
     python  policy_equivalence.py --mode ref --out REF.pt            (world 1: TP = PP = DP = 1)
     torchrun --nproc-per-node 2 policy_equivalence.py --mode tp|pp|dp|dp_distopt --ref REF.pt
+    torchrun --nproc-per-node 1 policy_equivalence.py --mode gpu --ref REF.pt    (CUDA against a CPU REF)
 
 For a tiny Qwen2-shaped model (GQA, q/k/v bias, untied) and a tiny Llama-shaped one (MHA, tied
 embeddings, Llama-3 rope scaling), the parallel run loads the reference weights and must reproduce
 the reference's response log-probs, token-mean loss, gradients (gathered to full tensors) and the
 weights after one optimizer step. In dp mode the ranks hold uneven shares of the sequences, and a
-NaN advantage on one rank must stop both ranks before the optimizer step. Exits non-zero on failure.
+NaN advantage on one rank must stop both ranks before the optimizer step. In gpu mode the same step
+runs on CUDA in fp32 (TF32 off) against a reference made on CPU, with tolerances for other kernels;
+`--attention` picks the core attention of either run (e.g. an unfused CPU reference for SDPA on
+CUDA). Exits non-zero on failure.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from megatron_hbpo.megatron.train_step import MegatronPolicy, NonFiniteError
 VOCAB = 100
 TOL = 2e-6  # fp32, different reduction orders
 TOL_STEP = 1e-6  # weights after one Adam step (see adam_eps below)
+# CUDA against CPU: other kernels and summation orders; Adam's first step scales gradient
+# differences by up to lr / adam_eps = 10.
+GPU_TOL, GPU_TOL_STEP = 2e-5, 2e-4
 
 MODELS = {
     "qwen2": dict(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -45,13 +52,14 @@ PARALLEL = {
     "pp": ParallelConfig(pipeline_model_parallel_size=2),
     "dp": ParallelConfig(),
     "dp_distopt": ParallelConfig(),
+    "gpu": ParallelConfig(),
 }
 
 
-def recipe_for(family: str, mode: str, world: int) -> Recipe:
+def recipe_for(family: str, mode: str, world: int, attention: str = "auto") -> Recipe:
     recipe = Recipe(name=f"equiv-{family}-{mode}",
                     model=ModelConfig(params_dtype="fp32", make_vocab_size_divisible_by=8, transformer_impl="local",
-                                      **MODELS[family]),
+                                      attention_backend=attention, **MODELS[family]),
                     parallel=PARALLEL[mode], cluster=ClusterConfig(gpus_per_node=world),
                     train=TrainConfig(prompts_per_step=2, mini_batch_prompts=2, micro_batch_tokens=80, total_steps=1))
     recipe.rollout.max_prompt_length, recipe.rollout.max_response_length = 16, 64
@@ -75,11 +83,11 @@ def make_sequences() -> list[PolicySequence]:
     return sequences
 
 
-def reference(out_path: str) -> int:
+def reference(out_path: str, attention: str) -> int:
     parallel.initialize(ParallelConfig(), seed=1234)
     result = {}
     for family in MODELS:
-        recipe = recipe_for(family, "ref", 1)
+        recipe = recipe_for(family, "ref", 1, attention)
         policy = MegatronPolicy(recipe, hf_config_from_recipe(recipe.model))
         weights0 = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
         sequences = make_sequences()
@@ -116,16 +124,24 @@ def max_diff(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     if name.endswith(("word_embeddings.weight", "output_layer.weight")):
         # Rows past the real vocabulary are padding whose size depends on TP; they must stay zero-grad.
         assert rows >= VOCAB
-    return float((got[:rows].double() - want[:rows].double()).abs().max())
+    return float((got[:rows].double().cpu() - want[:rows].double().cpu()).abs().max())
 
 
-def check(mode: str, ref_path: str) -> int:
+def check(mode: str, ref_path: str, attention: str) -> int:
     ref = torch.load(ref_path)
     parallel.initialize(PARALLEL[mode], seed=1234)
     rank, world = dist.get_rank(), dist.get_world_size()
+    tol, tol_step = TOL, TOL_STEP
+    if mode == "gpu":
+        if not torch.cuda.is_available():
+            print("FAIL: gpu mode needs CUDA", flush=True)
+            return 1
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        tol, tol_step = GPU_TOL, GPU_TOL_STEP
     failures = []
     for family in MODELS:
-        recipe = recipe_for(family, mode, world)
+        recipe = recipe_for(family, mode, world, attention)
         expected = ref[family]
         policy = MegatronPolicy(recipe, hf_config_from_recipe(recipe.model))
         policy.load_full_state(lambda name: expected["weights0"][name])
@@ -138,7 +154,7 @@ def check(mode: str, ref_path: str) -> int:
         logp = policy.logprobs(sequences)
         worst = max(float((a - expected["logp"][i]).abs().max()) for a, i in zip(logp, mine))
         report = [f"logp {worst:.1e}"]
-        if worst > TOL:
+        if worst > tol:
             failures.append(f"{family} logp differs by {worst:.2e}")
         for seq, i in zip(sequences, mine):
             seq.logp_old = expected["logp_old"][i]
@@ -146,20 +162,20 @@ def check(mode: str, ref_path: str) -> int:
         sums, padding, micro_batches = policy.forward_backward(sequences)
         loss_diff = abs(float(sums[0] / sums[1] - expected["loss"]))
         report.append(f"loss {loss_diff:.1e}")
-        if loss_diff > TOL or int(sums[2]) != int(expected["clipped"]):
+        if loss_diff > tol or int(sums[2]) != int(expected["clipped"]):
             failures.append(f"{family} loss differs by {loss_diff:.2e} (clipped {int(sums[2])} vs "
                             f"{int(expected['clipped'])})")
         if not recipe.optimizer.use_distributed_optimizer:  # its grads are reduce-scattered shards
             grad_diff = max(max_diff(name, grad, expected["grads"][name])
                             for name, grad in iter_full_tensors(policy.model[0], grads=True))
             report.append(f"grads {grad_diff:.1e}")
-            if grad_diff > TOL:
+            if grad_diff > tol:
                 failures.append(f"{family} gradients differ by {grad_diff:.2e}")
         policy.optimizer.step()
         step_diff = max(max_diff(name, weight, expected["weights1"][name])
                         for name, weight in iter_full_tensors(policy.model[0]))
         report.append(f"weights after step {step_diff:.1e}")
-        if step_diff > TOL_STEP:
+        if step_diff > tol_step:
             failures.append(f"{family} weights after the optimizer step differ by {step_diff:.2e}")
         print(f"rank {rank} {mode} {family}: max |diff| " + ", ".join(report) +
               f"; {micro_batches} micro-batches, padding {padding:.2f}", flush=True)
@@ -202,10 +218,11 @@ def main() -> int:
     parser.add_argument("--mode", choices=sorted(PARALLEL), required=True)
     parser.add_argument("--out")
     parser.add_argument("--ref")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "unfused"], default="auto")
     args = parser.parse_args()
     if args.mode == "ref":
-        return reference(args.out)
-    return check(args.mode, args.ref)
+        return reference(args.out, args.attention)
+    return check(args.mode, args.ref, args.attention)
 
 
 if __name__ == "__main__":
