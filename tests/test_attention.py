@@ -130,3 +130,17 @@ def test_sdpa_equals_megatron_dot_product_attention(tp):
 def test_bf16_step_matches_fp32_with_and_without_recompute():
     proc = run_torchrun("bf16_step.py", nproc=1)
     assert proc.stdout.count("optimizer step grad norm") == 3 and "FAIL" not in proc.stdout
+
+
+def test_the_planner_counts_unfused_attention_scores():
+    from megatron_hbpo.plan import GIB, plan
+
+    def activations(*overrides):
+        return plan(load_recipe(REPO / "recipes" / "r1_distill_qwen_1p5b.yaml", list(overrides))).activations_gib
+
+    base = activations()  # selective recompute: the scores are recomputed, never stored
+    assert activations("model.attention_backend=unfused") == base == activations("model.attention_backend=sdpa")
+    unfused = activations("model.attention_backend=unfused", "parallel.recompute_granularity=null")
+    flash = activations("parallel.recompute_granularity=null")
+    # 16384 tokens, 28 layers, 12 heads, sequences of 1024 + 4096 tokens, 6 bytes per pair.
+    assert unfused - flash == pytest.approx(16384 * 28 * 6 * 12 * 5120 / GIB)

@@ -108,6 +108,15 @@ class Context:
     policy: Any = None
     results: dict = field(default_factory=dict)
 
+    def value(self, stage: str, key: str) -> Any:
+        """A number an earlier stage produced, or None if it did not run or has no such number."""
+        return (self.results.get(stage) or {}).get(key)
+
+    def relative_speed(self, tokens_per_s: float, stage: str) -> float | None:
+        """tokens_per_s over an earlier stage's tokens/s."""
+        other = self.value(stage, "tokens_per_s")
+        return tokens_per_s / other if other else None
+
     def sync(self) -> None:
         if self.on_gpu:
             torch.cuda.synchronize()
@@ -309,8 +318,7 @@ def stage_attention(ctx: Context) -> dict:
 def stage_train(ctx: Context) -> dict:
     ctx.policy = build_policy(ctx.recipe, ctx.hf_config)
     result = measure_update(ctx, ctx.policy, ctx.recipe)
-    hf = (ctx.results.get("hf_baseline") or {}).get("tokens_per_s")
-    result["over_hf_baseline"] = result["tokens_per_s"] / hf if hf else None
+    result["over_hf_baseline"] = ctx.relative_speed(result["tokens_per_s"], "hf_baseline")
     return result
 
 
@@ -337,7 +345,7 @@ def stage_plan(ctx: Context) -> dict:
         recipe = copy.deepcopy(recipe)
         recipe.cluster.gpu = "H100-80GB"
     predicted = plan(recipe)
-    measured = (ctx.results.get("train") or {}).get("peak_allocated_gib")
+    measured = ctx.value("train", "peak_allocated_gib")
     allocated = predicted.train_gib - RUNTIME_OVERHEAD_GIB  # the CUDA context is not in the allocator's count
     return {"gpu": recipe.cluster.gpu, "micro_batch_tokens": recipe.train.micro_batch_tokens,
             "predicted_train_gib": predicted.train_gib, "predicted_allocated_gib": allocated,
@@ -503,8 +511,7 @@ def _te_stage(ctx: Context, extra: list[str]) -> dict:
     finally:
         del policy
         free(ctx)
-    sdpa = (ctx.results.get("train") or {}).get("tokens_per_s")
-    result["over_sdpa_stage"] = result["tokens_per_s"] / sdpa if sdpa else None
+    result["over_sdpa_stage"] = ctx.relative_speed(result["tokens_per_s"], "train")
     return result
 
 
