@@ -596,8 +596,10 @@ def run(ctx: Context, only: list[str] | None) -> int:
             except Exception as error:  # noqa: BLE001 - one failing stage must not hide the others
                 result = {"status": "error", "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
                           "traceback": traceback.format_exc()}
-                if name != "train":  # later stages still use a policy that trained
-                    gc.collect()
+        if result["status"] == "error":  # what the failed stage held is garbage once its traceback is gone
+            gc.collect()
+            if ctx.on_gpu:
+                torch.cuda.empty_cache()
         result["seconds"] = time.perf_counter() - start
         ctx.results[name] = result
         write_json_atomic(ctx.out / f"{name}.json", {"stage": name, **result})
