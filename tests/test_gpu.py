@@ -8,6 +8,7 @@
 - tools/gpu_check.py completes its stages with finite numbers.
 """
 
+import importlib
 import json
 import math
 import os
@@ -48,7 +49,7 @@ def test_bf16_step_on_cuda_matches_fp32():
 
 def _transformer_engine_importable() -> bool:
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception:  # noqa: BLE001 - ImportError or TE's CUDA library load errors
         return False
     return True
@@ -75,7 +76,8 @@ def test_gpu_check_completes(tmp_path):
     out = tmp_path / "gpu_check"
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=path))
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=path),
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for stage in ("attention", "hf_baseline", "train", "logp", "plan", "export"):
         result = json.loads((out / f"{stage}.json").read_text())

@@ -31,7 +31,7 @@ def test_cpu_tiny_runs_every_stage(tmp_path):
     out = tmp_path / "check"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--cpu-tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
     assert set(results) == {name for name, _ in gpu_check.STAGES}
@@ -44,7 +44,7 @@ def test_cpu_tiny_runs_every_stage(tmp_path):
         for key in keys:
             assert math.isfinite(results[stage][key]), (stage, key, results[stage][key])
     train = results["train"]
-    assert train["attention_backend"] == "sdpa" and train["params_dtype"] == "bf16" and train["recompute"] == "selective"
+    assert (train["attention_backend"], train["params_dtype"], train["recompute"]) == ("sdpa", "bf16", "selective")
     assert train["sdpa_kernels"] and not train["mfu_meaningful"]
     assert results["plan"]["measured_peak_allocated_gib"] is None  # no CUDA allocator to compare with
     for stage in ("te", "te_fp8"):

@@ -56,7 +56,7 @@ def main() -> None:
     logps = {b: torch.cat(p.logprobs(sequences)) for b, p in policies.items()}  # same weights: same values
     differences = {b: float((logps[b] - logps[base]).abs().max()) for b in policies}
     seconds = {b: 0.0 for b in policies}
-    for backend, policy in policies.items():
+    for policy in policies.values():
         step(policy)  # warm-up
     for _ in range(args.steps):
         for backend, policy in policies.items():
@@ -64,7 +64,8 @@ def main() -> None:
     print(f"{first.name}: {args.sequences} sequences, {tokens} tokens per step, {args.steps} steps each, "
           f"{torch.get_num_threads()} threads", flush=True)
     for backend in policies:
-        print(f"  {backend:8s} {seconds[backend] / args.steps:.4f} s/step, {tokens * args.steps / seconds[backend]:,.0f} "
+        print(f"  {backend:8s} {seconds[backend] / args.steps:.4f} s/step, "
+              f"{tokens * args.steps / seconds[backend]:,.0f} "
               f"tokens/s, {seconds[backend] / seconds[base]:.3f} x the time of {base}; log-probs within "
               f"{differences[backend]:.1e} of {base}'s", flush=True)
 

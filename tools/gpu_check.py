@@ -58,9 +58,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if "--cpu-tiny" in sys.argv:  # before torch first looks for devices: the CPU path even on a GPU machine
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -370,9 +371,8 @@ def stage_export(ctx: Context) -> dict:
         start = time.perf_counter()
         for bucket in stream:
             for _, tensor in bucket:
-                if to_host:
-                    tensor = tensor.to("cpu")
-                produced += tensor.numel() * tensor.element_size()
+                produced_tensor = tensor.to("cpu") if to_host else tensor
+                produced += produced_tensor.numel() * produced_tensor.element_size()
         ctx.sync()
         seconds = time.perf_counter() - start
         results[f"{label}_gb_per_s"] = produced / seconds / 1e9
@@ -456,8 +456,8 @@ def stage_hf_baseline(ctx: Context) -> dict:
     model.train()
     if recipe.parallel.recompute_granularity == "full":
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr, weight_decay=recipe.optimizer.weight_decay,
-                                  fused=ctx.on_gpu)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr,
+                                  weight_decay=recipe.optimizer.weight_decay, fused=ctx.on_gpu)
     sequences = ctx.sequences
     total = sum(s.response_length for s in sequences)
 
@@ -484,8 +484,6 @@ def stage_hf_baseline(ctx: Context) -> dict:
     tokens = sum(len(s.tokens) for s in sequences)
     flops = sum(model_flops_per_sequence(recipe, len(s.tokens)) for s in sequences)
     peak, meaningful = ctx.peak_flops
-    del model, optimizer
-    free(ctx)
     return {"tokens_per_s": tokens * ctx.args.steps / seconds, "seconds_per_step": seconds / ctx.args.steps,
             "mfu": flops * ctx.args.steps / seconds / peak, "mfu_meaningful": meaningful,
             "gradient_checkpointing": recipe.parallel.recompute_granularity == "full",
@@ -496,9 +494,10 @@ def _te_available(ctx: Context) -> None:
     if not ctx.on_gpu:
         raise Skip("Transformer Engine needs CUDA")
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception as error:  # noqa: BLE001 - an ImportError or TE's own CUDA/cuDNN load errors
-        raise Skip(f"transformer_engine not importable ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
+        raise Skip(f"transformer_engine not importable ({type(error).__name__}: "
+                   f"{str(error).splitlines()[0][:100]})") from None
 
 
 def _te_stage(ctx: Context, extra: list[str]) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +90,13 @@ class _MaskPlan:
     """What one attention mask turns into for SDPA: `is_causal`, or a boolean mask of allowed pairs;
     `dead_rows` ([b, 1, sq, 1] or None): query rows Megatron's mask leaves nothing to attend to."""
 
-    def __init__(self, is_causal: bool, allowed: Optional[torch.Tensor], dead_rows: Optional[torch.Tensor] = None):
+    def __init__(self, is_causal: bool, allowed: torch.Tensor | None, dead_rows: torch.Tensor | None = None):
         self.is_causal = is_causal
         self.allowed = allowed
         self.dead_rows = dead_rows
 
 
-def plan_mask(mask: Optional[torch.Tensor], sq: int, sk: int, *, causal_type: bool) -> _MaskPlan:
+def plan_mask(mask: torch.Tensor | None, sq: int, sk: int, *, causal_type: bool) -> _MaskPlan:
     """Megatron mask (True = masked, broadcastable to [b, 1, sq, sk]) -> SDPA arguments.
 
     A mask equal to the causal triangle becomes `is_causal=True` and no tensor (the flash kernels
@@ -127,9 +127,9 @@ class _LastMask:
     A hit needs the same live tensor, or a detached view of it (what recomputation passes), unmodified."""
 
     def __init__(self):
-        self._ref: Optional[weakref.ref] = None
+        self._ref: weakref.ref | None = None
         self._key: tuple = ()
-        self._plan: Optional[_MaskPlan] = None
+        self._plan: _MaskPlan | None = None
 
     @staticmethod
     def _key_of(mask: torch.Tensor) -> tuple:
@@ -180,8 +180,8 @@ class SdpaAttention(MegatronModule):
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
         from megatron.core.transformer.enums import AttnMaskType
 
         super().__init__(config=config)
@@ -202,7 +202,7 @@ class SdpaAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type=None, attention_bias=None,
+                attention_mask: torch.Tensor | None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SdpaAttention takes neither packed_seq_params (THD) nor attention_bias; "

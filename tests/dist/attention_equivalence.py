@@ -99,7 +99,7 @@ def check_core(failures: list[str], rank: int, device: torch.device) -> None:
 
     for name, mask in mask_cases(b, s).items():
         ref_out, ref_grads = run(unfused, mask)
-        kernels = sdpa_kernels_used(lambda: run(fused, mask))
+        kernels = sdpa_kernels_used(lambda mask=mask: run(fused, mask))
         out, grads = run(fused, mask)
         err = max([max_abs(out, ref_out)] + [max_abs(a, r) for a, r in zip(grads, ref_grads)])
         line = f"rank {rank} core {name}: max |sdpa - unfused| {err:.1e} (output and q/k/v grads), kernels {kernels}"
@@ -108,7 +108,7 @@ def check_core(failures: list[str], rank: int, device: torch.device) -> None:
         if ON_GPU:
             bf16_out, bf16_grads = run(fused, mask, torch.bfloat16)
             bf16_err = max([max_abs(bf16_out, ref_out)] + [max_abs(a, r) for a, r in zip(bf16_grads, ref_grads)])
-            bf16_kernels = sdpa_kernels_used(lambda: run(fused, mask, torch.bfloat16))
+            bf16_kernels = sdpa_kernels_used(lambda mask=mask: run(fused, mask, torch.bfloat16))
             line += f"; bf16 vs fp32 {bf16_err:.1e}, kernels {bf16_kernels}"
             if bf16_err > TOL_BF16:
                 failures.append(f"core attention bf16, {name} mask: {bf16_err:.2e} > {TOL_BF16}")
@@ -133,7 +133,8 @@ def check_model(failures: list[str], rank: int, device: torch.device) -> None:
         cfg = ModelConfig(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                           num_query_groups=2, vocab_size=VOCAB, max_position_embeddings=128, rope_theta=1e6,
                           add_qkv_bias=True, params_dtype="fp32", transformer_impl="local", attention_backend=backend)
-        models[backend] = build_gpt_model(hf_config_from_recipe(cfg), cfg, ParallelConfig(tensor_model_parallel_size=tp))
+        models[backend] = build_gpt_model(hf_config_from_recipe(cfg), cfg,
+                                          ParallelConfig(tensor_model_parallel_size=tp))
     models["sdpa"].load_state_dict(models["unfused"].state_dict())
     kinds = {type(layer.self_attention.core_attention).__name__ for layer in models["sdpa"].decoder.layers}
     if kinds != {"SdpaAttention"}:
