@@ -31,8 +31,9 @@ SXM and H200). Model FLOPs per sequence of s tokens: 6 N s + 6 L h s^2, where N 
 weights (QKV, output projection, SwiGLU MLP, output layer; not the embedding lookup or norms) and
 6 L h s^2 (h = heads x head dim) is the causal half of the usual 12 L h s^2 for QK^T and AV.
 Recomputation is not counted (model FLOPs, not hardware FLOPs); the update time includes the
-optimizer step. `--cpu-tiny` runs every stage on a tiny model on CPU so that CI exercises the code;
-its MFU is computed against the H100 peak only to exercise the formula and is labelled meaningless.
+optimizer step. `--cpu-tiny` runs every stage on a tiny model on CPU (one thread unless
+OMP_NUM_THREADS is set) so that CI exercises the code; its MFU is computed against the H100 peak
+only to exercise the formula and is labelled meaningless.
 
 Needs PyTorch with CUDA, transformers (both on the GPU image), and megatron-core 0.16.1, whose
 imports on these paths need only numpy and packaging (on the image) besides torch; Transformer
@@ -382,7 +383,7 @@ def stage_export(ctx: Context) -> dict:
     return results
 
 
-def _id_tokenizer(vocab_size: int, directory: Path) -> Any:
+def _id_tokenizer(vocab_size: int) -> Any:
     """A word-level tokenizer whose tokens are the ids themselves ("t0", "t1", ...): vLLM needs one to
     start; the check feeds and reads token ids only."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -410,7 +411,7 @@ def stage_vllm(ctx: Context) -> dict:
     with tempfile.TemporaryDirectory(dir=ctx.out) as tmp:
         model_dir = Path(tmp) / "rollout_model"
         hf_config = copy.deepcopy(ctx.hf_config)
-        tokenizer = _id_tokenizer(hf_config.vocab_size, Path(tmp))
+        tokenizer = _id_tokenizer(hf_config.vocab_size)
         for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
             setattr(hf_config, key, 0)
         write_rollout_model(policy, hf_config, tokenizer, model_dir)

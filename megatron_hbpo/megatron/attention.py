@@ -6,8 +6,8 @@
     sdpa     `SdpaAttention` below: torch.nn.functional.scaled_dot_product_attention, which picks a
              fused kernel (flash, memory-efficient or cuDNN on GPU, flash on CPU) per call
     unfused  Megatron's DotProductAttention: explicit [b, heads, s, s] scores, masked softmax, bmm
-    auto     te where Transformer Engine layers are used, sdpa otherwise (GPU and CPU: on CPU sdpa
-             measured faster than unfused and exact to it, BENCHMARKS.md "Attention backends")
+    auto     te where Transformer Engine layers are used, sdpa otherwise (GPU and CPU: on CPU sdpa is
+             exact to unfused and, in fp32, no slower; BENCHMARKS.md "Attention backends")
 
 Mask semantics are Megatron's: a boolean `attention_mask` broadcastable to [b, 1, sq, sk] where
 True means "may not attend". `SdpaAttention` accepts any such mask (padding, tree-shaped masks of
