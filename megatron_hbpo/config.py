@@ -95,6 +95,10 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = bounded(128, ge=1)
     # Layer implementation: Transformer Engine when CUDA and TE are present ("auto"), or forced.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    # Core attention (docs/attention.md): "te" (Transformer Engine, needs its layers), "sdpa" (torch
+    # scaled_dot_product_attention), "unfused" (Megatron's explicit softmax); "auto" = te with TE
+    # layers, sdpa otherwise.
+    attention_backend: Literal["auto", "te", "sdpa", "unfused"] = "auto"
     # FP8 training (Transformer Engine only): null, "delayed" scaling or "current" (per-tensor) scaling.
     fp8: Literal["delayed", "current"] | None = None
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
@@ -577,6 +581,9 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
         _check(m.hidden_size % m.num_attention_heads == 0, "model.kv_channels",
                f"hidden_size={m.hidden_size} is not a multiple of num_attention_heads="
                f"{m.num_attention_heads}; set kv_channels (the head dimension) explicitly")
+    _check(not (m.attention_backend == "te" and m.transformer_impl == "local"), "model.attention_backend",
+           "te needs Transformer Engine layers; set model.transformer_impl to auto or transformer_engine, or use "
+           "attention_backend sdpa")
     if m.fp8 is not None:
         _check(m.transformer_impl != "local", "model.fp8",
                "FP8 needs Transformer Engine layers; set model.transformer_impl to auto or transformer_engine")

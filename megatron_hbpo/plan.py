@@ -10,8 +10,10 @@ Per GPU, for the pipeline stage that holds the most (the first or the last), in 
   activations one micro-batch of `train.micro_batch_tokens` tokens per layer of the stage, times the
               PP micro-batches 1F1B keeps in flight; bf16 bytes per token and layer for a SwiGLU block
               with flash attention: 12 h + 4 g d + 6 f (h hidden, g KV heads, d head dim, f ffn), split
-              over TP (the 8 h of norm inputs/outputs only with sequence parallelism); "full" recompute
-              keeps 2 h per layer plus one layer's working set
+              over TP (the 8 h of norm inputs/outputs only with sequence parallelism), plus 6 a s
+              (a heads, s sequence length) with model.attention_backend unfused unless its core
+              attention is recomputed ("selective"); "full" recompute keeps 2 h per layer plus one
+              layer's working set
   logits      last stage: tokens x padded vocab / TP x 10 bytes (bf16 output, fp32 copy, fp32 exp)
   vLLM        the colocated engine's share, gpu_memory_utilization x GPU memory, while it is awake
 Two phases must each fit in 95% of the GPU: training (weights + grads + optimizer + activations +
@@ -104,6 +106,10 @@ def plan(recipe: Recipe) -> Plan:
 
     tokens = t.micro_batch_tokens / cp
     replicated, split = 8 * h, 4 * h + 4 * groups * d + 6 * f  # bytes per token and layer (bf16)
+    if m.attention_backend == "unfused" and p.recompute_granularity != "selective":
+        # Unfused attention keeps each layer's softmax output (fp32) and probabilities (bf16): 6 bytes
+        # per query-key pair and head, s pairs per token.
+        split += 6 * m.num_attention_heads * min(t.micro_batch_tokens, r.max_prompt_length + r.max_response_length)
     per_token_layer = (replicated + split) / tp if p.sequence_parallel else replicated + split / tp
     in_flight = pp  # 1F1B: the first stage holds pp micro-batches' activations
     if p.recompute_granularity == "full":

@@ -95,6 +95,11 @@ def enable() -> bool:
     for name, value in patches.items():
         setattr(torch.cuda, name, value)
     _CudaToCpu().__enter__()  # stays on for the life of the process
+    # Activation recomputation saves "the CUDA RNG state" to replay dropout; the CPU generator is
+    # the only one here, and Megatron saves and restores it on its own (its CUDA-state setter is a
+    # deferred call that never runs without CUDA).
+    torch.cuda.random.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state
 
     original_type = torch.Tensor.type
 

@@ -1,8 +1,9 @@
 """The policy: a Megatron-Core GPTModel built from a Hugging Face config (Qwen2, Llama 3).
 
 Layers come from Megatron's layer specs: Transformer Engine (optionally FP8) when CUDA and TE are
-present, Megatron's local spec otherwise (CPU, CI). The vocabulary is padded to a multiple of
-`make_vocab_size_divisible_by x TP`; `logprobs.py` masks the padding out of the log-softmax.
+present, Megatron's local spec otherwise (CPU, CI); `attention.py` picks their core attention. The
+vocabulary is padded to a multiple of `make_vocab_size_divisible_by x TP`; `logprobs.py` masks the
+padding out of the log-softmax.
 """
 
 from __future__ import annotations
@@ -201,10 +202,8 @@ def build_gpt_model(hf_config: PretrainedConfig, model: ModelConfig, parallel: P
                     initialize: bool = True) -> Any:
     """One pipeline stage of the policy (all of it when PP = 1), on the current device."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+
+    from megatron_hbpo.megatron.attention import layer_spec
 
     if hf_config.model_type not in _FAMILY_MODEL_TYPES.values():
         raise ConfigError(f"model.family: unsupported architecture {hf_config.model_type!r}; "
@@ -215,7 +214,7 @@ def build_gpt_model(hf_config: PretrainedConfig, model: ModelConfig, parallel: P
                           "use Transformer Engine layers (GPU) or set it to false")
     config = transformer_config(hf_config, model, parallel, use_te=use_te, variable_seq_lengths=variable_seq_lengths,
                                 initialize=initialize)
-    spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = layer_spec(use_te=use_te, backend=model.attention_backend)
     theta, scaling = rope_settings(hf_config)
     gpt = GPTModel(
         config=config,

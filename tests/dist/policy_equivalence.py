@@ -2,13 +2,17 @@
 
     python  policy_equivalence.py --mode ref --out REF.pt            (world 1: TP = PP = DP = 1)
     torchrun --nproc-per-node 2 policy_equivalence.py --mode tp|pp|dp|dp_distopt --ref REF.pt
+    torchrun --nproc-per-node 1 policy_equivalence.py --mode gpu --ref REF.pt    (CUDA against a CPU REF)
 
 For a tiny Qwen2-shaped model (GQA, q/k/v bias, untied) and a tiny Llama-shaped one (MHA, tied
 embeddings, Llama-3 rope scaling), the parallel run loads the reference weights; each rank reports
 (tests/dist/common.write_report) how far its response log-probs, token-mean loss, gradients
 (gathered to full tensors) and weights after one optimizer step are from the reference. In dp mode
 the ranks hold uneven shares of the sequences, and a NaN advantage on one rank must stop both
-ranks before the optimizer step. tests/megatron/test_megatron_policy.py asserts on the reports.
+ranks before the optimizer step. In gpu mode the same step runs on CUDA in fp32 (TF32 off) against a
+reference made on CPU; `--attention` picks the core attention of either run (e.g. an unfused CPU
+reference for SDPA on CUDA). tests/megatron/test_megatron_policy.py and tests/test_gpu.py assert on
+the reports.
 """
 
 from __future__ import annotations
@@ -50,13 +54,14 @@ PARALLEL = {
     "pp": ParallelConfig(pipeline_model_parallel_size=2),
     "dp": ParallelConfig(),
     "dp_distopt": ParallelConfig(),
+    "gpu": ParallelConfig(),
 }
 
 
-def recipe_for(family: str, mode: str, world: int) -> Recipe:
+def recipe_for(family: str, mode: str, world: int, attention: str = "auto") -> Recipe:
     recipe = Recipe(name=f"equiv-{family}-{mode}",
                     model=ModelConfig(params_dtype="fp32", make_vocab_size_divisible_by=8, transformer_impl="local",
-                                      **MODELS[family]),
+                                      attention_backend=attention, **MODELS[family]),
                     parallel=PARALLEL[mode], cluster=ClusterConfig(gpus_per_node=world),
                     train=TrainConfig(prompts_per_step=2, mini_batch_prompts=2, micro_batch_tokens=80, total_steps=1))
     recipe.rollout.max_prompt_length, recipe.rollout.max_response_length = 16, 64
@@ -80,12 +85,12 @@ def make_sequences() -> list[PolicySequence]:
     return sequences
 
 
-def reference(out_path: str) -> int:
+def reference(out_path: str, attention: str) -> int:
     runtime.configure()
     parallel.initialize(ParallelConfig(), seed=1234)
     result, report = {}, {}
     for family in MODELS:
-        recipe = recipe_for(family, "ref", 1)
+        recipe = recipe_for(family, "ref", 1, attention)
         policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
         weights0 = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
         sequences = make_sequences()
@@ -120,17 +125,22 @@ def max_diff(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     if name.endswith(("word_embeddings.weight", "output_layer.weight")):
         # Rows past the real vocabulary are padding whose size depends on TP; they must stay zero-grad.
         assert rows >= VOCAB
-    return float((got[:rows].double() - want[:rows].double()).abs().max())
+    return float((got[:rows].double().cpu() - want[:rows].double().cpu()).abs().max())
 
 
-def check(mode: str, ref_path: str) -> int:
+def check(mode: str, ref_path: str, attention: str) -> int:
     ref = torch.load(ref_path)
     runtime.configure()
+    if mode == "gpu":
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu mode needs CUDA")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     parallel.initialize(PARALLEL[mode], seed=1234)
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict = {}
     for family in MODELS:
-        recipe = recipe_for(family, mode, world)
+        recipe = recipe_for(family, mode, world, attention)
         expected = ref[family]
         policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
         policy.load_full_state(lambda name: expected["weights0"][name])
@@ -141,7 +151,7 @@ def check(mode: str, ref_path: str) -> int:
         sequences = [sequences[i] for i in mine]
 
         logp = policy.logprobs(sequences, temperature=1.0)
-        got: dict = {"logp_diff": max(float((a - expected["logp"][i]).abs().max()) for a, i in zip(logp, mine))}
+        got: dict = {"logp_diff": max(float((a.cpu() - expected["logp"][i]).abs().max()) for a, i in zip(logp, mine))}
         for seq, i in zip(sequences, mine):
             seq.logp_old = expected["logp_old"][i]
         sums, padding, micro_batches = policy.forward_backward(sequences, LOSS)
@@ -184,10 +194,12 @@ def main() -> int:
     parser.add_argument("--mode", choices=sorted(PARALLEL), required=True)
     parser.add_argument("--out")
     parser.add_argument("--ref")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "unfused"],
+                        help="model.attention_backend of this run")
     args = parser.parse_args()
     if args.mode == "ref":
-        return reference(args.out)
-    return check(args.mode, args.ref)
+        return reference(args.out, args.attention)
+    return check(args.mode, args.ref, args.attention)
 
 
 if __name__ == "__main__":
