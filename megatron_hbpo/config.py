@@ -38,6 +38,7 @@ from megatron_hbpo.algo.constants import (
     THINK_CLOSE,
     THINK_OPEN,
 )
+from megatron_hbpo.rollout.layout import RolloutLayout, rollout_layout
 
 REQUIRED: Any = dataclasses.MISSING
 
@@ -349,6 +350,13 @@ class Recipe:
         return self.cluster.world_size // model_parallel
 
     @property
+    def rollout_layout(self) -> RolloutLayout:
+        """Which ranks generate together and which prompts each replica generates (rollout/layout.py)."""
+        c = self.cluster
+        return rollout_layout(c.world_size, self.rollout.tensor_parallel_size, self.train.prompts_per_step,
+                              gpus_per_node=c.gpus_per_node)
+
+    @property
     def head_dim(self) -> int:
         m = self.model
         return m.kv_channels if m.kv_channels is not None else m.hidden_size // m.num_attention_heads
@@ -618,8 +626,10 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     _check(context <= m.max_position_embeddings, "rollout.max_response_length",
            f"max_prompt_length + max_response_length = {context} exceeds the model's context "
            f"model.max_position_embeddings={m.max_position_embeddings}; shorten them")
-    _check(c.world_size % r.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
-           f"{r.tensor_parallel_size} does not divide the world size {c.world_size}")
+    try:
+        recipe.rollout_layout  # noqa: B018 (validates T against the node, the world and the step's prompts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(m.num_attention_heads % r.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
            f"{r.tensor_parallel_size} does not divide model.num_attention_heads={m.num_attention_heads}")
 

@@ -13,7 +13,7 @@ Under torchrun (or srun) for several processes; plain `python` is a world of one
 
 This module composes the components (build_*); the loop is trainer.py.
 
-Exit codes: 0 done, 1 the refit check stopped the run (one line says why), 2 bad recipe or data, 143
+Exit codes: 0 done, 1 the refit check or a failed refit stopped the run (one line says why), 2 bad recipe or data, 143
 stopped by SIGTERM after saving a checkpoint.
 """
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(recipe: Recipe, wall_start: float) -> int:
     from megatron_hbpo.components.refit import RefitMismatchError
+    from megatron_hbpo.rollout.vllm_engine import EngineBrokenError
     from megatron_hbpo.data.prompts import DataError
 
     try:
@@ -159,14 +160,13 @@ def run(recipe: Recipe, wall_start: float) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
-    except RefitMismatchError as e:
+    except (RefitMismatchError, EngineBrokenError) as e:
         _log_rank0_err(str(e))
         return 1
 
 
 def _run(recipe: Recipe, wall_start: float) -> int:
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_hbpo import atomic
     from megatron_hbpo.algo.verify import AnswerVerifier
@@ -192,22 +192,22 @@ def _run(recipe: Recipe, wall_start: float) -> int:
     rollout_dir = Path(m.hf_path) if m.hf_path else run_dir / "rollout_model"
     if not m.hf_path:
         write_rollout_model(policy, hf_config, tokenizer, rollout_dir)
-    mp_group = parallel_state.get_model_parallel_group()
-    engine_rank = dist.get_process_group_ranks(mp_group)[0]
-    engine = verifier = None
-    if dist.get_rank() == engine_rank:
-        from megatron_hbpo.rollout.vllm_engine import VLLMEngine
+    from megatron_hbpo.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(rollout_dir, seed=t.seed + parallel_state.get_data_parallel_rank(),
-                            dtype="float32" if m.params_dtype == "fp32" else "bfloat16",
-                            max_model_len=r.max_prompt_length + r.max_response_length,
-                            tensor_parallel_size=r.tensor_parallel_size,
-                            gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager)
-        verifier = AnswerVerifier(recipe.verifier.num_workers, recipe.verifier.timeout_s)
+    # Every rank runs a rollout engine: T consecutive ranks form one replica (rollout/layout.py), each
+    # replica seeded alike on its ranks; the replica's first rank verifies.
+    layout = recipe.rollout_layout
+    replica = layout.replica_of(dist.get_rank())
+    engine = VLLMEngine(rollout_dir, seed=t.seed + replica, dtype="float32" if m.params_dtype == "fp32" else "bfloat16",
+                        max_model_len=r.max_prompt_length + r.max_response_length,
+                        tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                        enforce_eager=r.enforce_eager)
+    verifier = AnswerVerifier(recipe.verifier.num_workers, recipe.verifier.timeout_s) \
+        if layout.is_leader(dist.get_rank()) else None
+    _log_rank0(f"rollout layout: {layout.describe()}")
     try:
         trainer, evaluator = build_trainer(recipe, policy=policy, hf_config=hf_config, tokenizer=tokenizer,
-                                           engine=engine, verifier=verifier, engine_rank=engine_rank, source=source,
-                                           log=_log_rank0)
+                                           engine=engine, verifier=verifier, source=source, log=_log_rank0)
         before_path, after_path = run_dir / "eval_before.json", run_dir / "eval_after.json"
         resumed = trainer.resume()
         if evaluator is not None and e.before_after and (not resumed or not before_path.exists()):
@@ -219,6 +219,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
             trainer.refitter.refit()
         trainer.run()
         if trainer.preempted:
+            engine.close()
             return PREEMPTED_EXIT
         if evaluator is not None and e.before_after:
             after = evaluator.evaluate("after training")
@@ -234,6 +235,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                 _log_rank0(f"wrote {run_dir / 'summary.json'} and {run_dir / 'summary.png'} "
                            f"({time.perf_counter() - wall_start:.0f} s in all)")
         dist.barrier()  # rank 0 writes the summary; everyone leaves together
+        engine.close()  # last: vLLM's shutdown destroys the default process group
         return 0
     finally:
         # No collective here: after an error on one rank, a barrier would hang the others.
@@ -242,13 +244,11 @@ def _run(recipe: Recipe, wall_start: float) -> int:
 
 
 def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: PretrainedConfig,
-                  tokenizer: PreTrainedTokenizerBase, engine: RolloutEngine | None, verifier: AnswerVerifier | None,
-                  engine_rank: int, source: PromptSource, log: Callable[[str], None] = _log_rank0
-                  ) -> tuple[Trainer, Evaluator | None]:
-    """The trainer and its evaluator (None without evaluation) from the recipe's sections. `engine` and
-    `verifier`: on `engine_rank`, the first rank of this model-parallel group (None on the others)."""
+                  tokenizer: PreTrainedTokenizerBase, engine: RolloutEngine, verifier: AnswerVerifier | None,
+                  source: PromptSource, log: Callable[[str], None] = _log_rank0) -> tuple[Trainer, Evaluator | None]:
+    """The trainer and its evaluator (None without evaluation) from the recipe's sections. `engine`: this
+    rank's rollout engine; `verifier`: on the first rank of each rollout replica (None on the others)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_hbpo.algo.methods import method_for
     from megatron_hbpo.components.checkpointer import CheckpointManager
@@ -270,13 +270,13 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
                               modes=method.eval_modes(),
                               benchmark="synthetic" if recipe.data.source == "synthetic" else "eval",
                               max_tokens=r.max_response_length, prompts=prompts, engine=engine, verifier=verifier,
-                              think_close=a.think_close, run_dir=run_dir, log=log)
+                              think_close=a.think_close, run_dir=run_dir, layout=recipe.rollout_layout, log=log)
     trainer = Trainer(
         Schedule(recipe.name, t.total_steps, t.prompts_per_step, t.mini_batch_prompts, t.seed,
                  recipe.logging.mismatch_threshold),
         policy=policy, method=method, source=source,
-        rollouts=RolloutWorker(r, method, prompts, think_close=a.think_close, engine=engine, verifier=verifier,
-                               group=parallel_state.get_model_parallel_group(), src=engine_rank),
+        rollouts=RolloutWorker(r, method, prompts, think_close=a.think_close, layout=recipe.rollout_layout,
+                               engine=engine, verifier=verifier, seed=t.seed),
         refitter=Refitter(policy.model[0], hf_config, engine), guard=RefitGuard(r.refit_check, m.params_dtype),
         checkpoints=CheckpointManager(recipe.checkpoint, policy, total_steps=t.total_steps, log=log),
         evaluator=evaluator, temperature=r.temperature, log=log,

@@ -1,17 +1,18 @@
 """The training loop, in one SPMD job (docs/architecture.md, "One step").
 
-    prompts (this DP rank's slice of the step) -> rollouts (engine) -> verify -> reward, advantage
-    -> logp_old (Megatron, no grad) -> refit check -> one optimizer step per mini-batch -> refit
-    -> metrics -> evaluation every eval.interval steps -> checkpoint every N steps (and on SIGTERM)
+    the step's prompts -> rollouts on every rank (each replica its block; records gathered everywhere)
+    -> reward, advantage (all groups) -> this DP rank's groups -> logp_old (Megatron, no grad)
+    -> refit check -> one optimizer step per mini-batch -> refit -> metrics
+    -> evaluation every eval.interval steps -> checkpoint every N steps (and on SIGTERM)
 
 Each arrow is a component (megatron_hbpo/components/), the method (algo/methods.py) decides the
-prompt modes, rewards, advantages and loss. Who does what: one rank per model-parallel group holds
-a rollout engine and hands the records to its group; every rank computes the same rewards and
-advantages from them (pure functions) and runs the Megatron step.
+prompt modes, rewards, advantages and loss. The rollout layout (rollout/layout.py) is independent
+of Megatron's TP/PP/DP: after the rollouts every rank holds every record of the step, computes the
+same rewards and advantages (pure functions), and trains on its data-parallel rank's prompt groups.
 
-Reproducibility: every random draw of step s is seeded from (seed, s, DP rank) at the start of the
-step (seeding.py) and the prompt stream is a function of the step (data/source.py), so resuming from
-step s's checkpoint gives the uninterrupted run's metrics for every later step.
+Reproducibility: every random draw of step s is seeded from (seed, s, rollout replica) before the
+rollouts (seeding.py) and the prompt stream is a function of the step (data/source.py), so resuming
+from step s's checkpoint gives the uninterrupted run's metrics for every later step.
 """
 
 from __future__ import annotations
@@ -20,22 +21,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
 from megatron_hbpo.algo.methods import Method
-from megatron_hbpo.algo.mismatch import logprob_mismatch
 from megatron_hbpo.components.checkpointer import CheckpointManager
 from megatron_hbpo.components.evaluator import Evaluator
 from megatron_hbpo.components.metrics import MetricsLogger, step_summary
 from megatron_hbpo.components.preemption import PreemptionFlag
-from megatron_hbpo.components.refit import RefitGuard, Refitter, global_mean_abs_mismatch
+from megatron_hbpo.components.refit import RefitGuard, Refitter, mismatch_stats
 from megatron_hbpo.components.rollouts import RolloutRecord, RolloutWorker, policy_sequences, scored_rollouts
 from megatron_hbpo.components.timer import Timer
-from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.data.source import PromptSource
 from megatron_hbpo.megatron.batching import PolicySequence
-from megatron_hbpo.seeding import seed_everything
 
 if TYPE_CHECKING:
     from megatron_hbpo.megatron.train_step import MegatronPolicy
@@ -119,37 +114,37 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         timer = Timer()
-        seed_everything(self.schedule.seed, "step", step, self.dp_rank)
         with timer("step"):
-            problems, first = self.my_prompts(step)
-            records = self.rollouts.run(problems, first, timer)
+            problems = self.source.batch(step - 1, self.schedule.prompts_per_step)
+            records = self.rollouts.run(step, problems, timer)  # every prompt group of the step, every rank
             with timer("reward"):
                 rewards, advantages = self.method.rewards_and_advantages(scored_rollouts(records))
-                sequences = policy_sequences(records, advantages)
+                mine = self.my_groups()
+                chosen = [i for i, x in enumerate(records) if x.group_id in mine]
+                sequences = policy_sequences([records[i] for i in chosen], advantages[chosen])
             with timer("logp_old"):
                 logp_old = self.policy.logprobs(sequences, temperature=self.temperature)
                 for seq, logp in zip(sequences, logp_old):
                     seq.logp_old = logp
-            self.guard.observe(step, global_mean_abs_mismatch([x.logprobs for x in records], logp_old, self.dp_group),
-                               self.refitter.count)
+            mismatch = mismatch_stats([records[i].logprobs for i in chosen], logp_old,
+                                      threshold=self.schedule.mismatch_threshold, dp_group=self.dp_group)
+            self.guard.observe(step, mismatch["mean_abs"], self.refitter.count)
             with timer("train"):
-                results = [self.policy.train_step(mini, self.loss) for mini in self.mini_batches(records, sequences)]
+                results = [self.policy.train_step(mini, self.loss)
+                           for mini in self.mini_batches([records[i] for i in chosen], sequences)]
             with timer("refit"):
                 self.refitter.refit()
-        mismatch = logprob_mismatch(torch.cat([x.logprobs for x in records]), torch.cat(logp_old),
-                                    threshold=self.schedule.mismatch_threshold)
-        rows, mismatches = self._gather(records, rewards, advantages, mismatch)
-        return step_summary(step, rows, mismatches, results, dict(timer.seconds))
+        rows = [{"budget": x.budget, "level": x.level, "length": x.length, "correct": x.correct,
+                 "format_ok": x.format_ok, "truncated": x.truncated, "reward": float(rw), "advantage": float(ad)}
+                for x, rw, ad in zip(records, rewards, advantages)]
+        return step_summary(step, rows, mismatch, results, dict(timer.seconds))
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def my_prompts(self, step: int) -> tuple[list[PromptRow], int]:
-        """This DP rank's slice of the step's prompts and the group id of its first one."""
-        s = self.schedule
-        batch = self.source.batch(step - 1, s.prompts_per_step)
-        per_rank = s.prompts_per_step // self.dp_size
-        first = self.dp_rank * per_rank
-        return batch[first:first + per_rank], first
+    def my_groups(self) -> range:
+        """The prompt groups (indices in the step's prompts) this data-parallel rank trains on."""
+        per_rank = self.schedule.prompts_per_step // self.dp_size
+        return range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
 
     def mini_batches(self, records: Sequence[RolloutRecord], sequences: Sequence[PolicySequence]
                      ) -> Iterator[list[PolicySequence]]:
@@ -159,18 +154,6 @@ class Trainer:
         for first in range(0, len(order), per_rank):
             chosen = set(order[first:first + per_rank])
             yield [seq for x, seq in zip(records, sequences) if x.group_id in chosen]
-
-    def _gather(self, records: Sequence[RolloutRecord], rewards: torch.Tensor, advantages: torch.Tensor,
-                mismatch: dict) -> tuple[list[dict], list[dict]]:
-        """Every DP rank's rollout rows and mismatch statistics, on every rank (from the engine ranks only,
-        so that a model-parallel group's records count once)."""
-        holds = self.rollouts.holds_engine
-        rows = [{"budget": x.budget, "level": x.level, "length": x.length, "correct": x.correct,
-                 "format_ok": x.format_ok, "truncated": x.truncated, "reward": float(rw), "advantage": float(ad)}
-                for x, rw, ad in zip(records, rewards, advantages)] if holds else []
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (rows, [mismatch] if holds else []))
-        return [r for part, _ in gathered for r in part], [m for _, part in gathered for m in part]
 
     def trainer_state(self, step: int) -> dict:
         s = self.schedule

@@ -118,7 +118,7 @@ def make_trainer(world, root, *overrides, skew: float = 0.0):
     engine = ScriptedEngine(tokenizer, policy, recipe.rollout.temperature, skew_after_refit=skew)
     assert isinstance(engine, RolloutEngine)  # the protocol the trainer is written against
     trainer, _ = build_trainer(recipe, policy=policy, hf_config=hf_config, tokenizer=tokenizer, engine=engine,
-                               verifier=verifier, engine_rank=0, source=PromptSource(recipe.data, t.seed),
+                               verifier=verifier, source=PromptSource(recipe.data, t.seed),
                                log=lambda _: None)
     return trainer, engine, recipe
 

@@ -23,6 +23,7 @@ from megatron_hbpo.evaluation.harness import generate_and_score
 from megatron_hbpo.evaluation.metrics import results_document
 from megatron_hbpo.evaluation.tables import level_table, results_table
 from megatron_hbpo.rollout.engine import RolloutEngine, SamplingSettings
+from megatron_hbpo.rollout.layout import RolloutLayout
 from megatron_hbpo.seeding import seed_everything
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Evaluator:
-    """engine / verifier: on the model-parallel group's engine rank only (None elsewhere)."""
+    """engine: on every rank; verifier: on each rollout replica's first rank (None elsewhere). Each replica
+    evaluates every `replicas`-th problem; its first rank scores them."""
 
     cfg: EvalConfig
     problems: Sequence[PromptRow]
@@ -39,18 +41,16 @@ class Evaluator:
     benchmark: str
     max_tokens: int
     prompts: PromptBuilder
-    engine: RolloutEngine | None
+    engine: RolloutEngine
     verifier: AnswerVerifier | None
     think_close: str
     run_dir: Path
+    layout: RolloutLayout
     log: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
-        from megatron.core import parallel_state
-
         self.run_dir = Path(self.run_dir)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.replica = self.layout.replica_of(dist.get_rank())
 
     def should_evaluate(self, step: int) -> bool:
         return bool(self.cfg.interval) and step % self.cfg.interval == 0
@@ -58,18 +58,14 @@ class Evaluator:
     def evaluate(self, label: str) -> dict[str, Any]:
         """Collective. The results document of the current engine weights; rank 0 writes the samples file."""
         start = time.perf_counter()
-        mine = self.problems[self.dp_rank::self.dp_size]
-        records = []
-        if self.engine is not None:
-            assert self.verifier is not None  # the engine rank has both
-            seed_everything(self.cfg.seed, "eval", label, self.dp_rank)
-            sampling = SamplingSettings(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                        max_tokens=self.max_tokens)
-            self.engine.wake()
-            records = generate_and_score(self.engine, self.prompts, self.verifier, mine, benchmark=self.benchmark,
-                                         modes=self.modes, n=self.cfg.samples_per_problem, sampling=sampling,
-                                         think_close=self.think_close)
-            self.engine.sleep()
+        mine = list(self.problems)[self.replica::self.layout.replicas]
+        seed_everything(self.cfg.seed, "eval", label, self.replica)
+        sampling = SamplingSettings(temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=self.max_tokens)
+        # The engine stays awake: the next rollouts use it before any training step.
+        self.engine.wake()
+        records = generate_and_score(self.engine, self.prompts, self.verifier, mine, benchmark=self.benchmark,
+                                     modes=self.modes, n=self.cfg.samples_per_problem, sampling=sampling,
+                                     think_close=self.think_close)
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, records)
         all_records = [r for part in gathered for r in part]

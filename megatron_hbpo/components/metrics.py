@@ -30,11 +30,11 @@ def _reward_accuracy_length(rows: Sequence[dict]) -> dict[str, float]:
             "length": sum(r["length"] for r in rows) / n}
 
 
-def step_summary(step: int, rows: Sequence[dict], mismatches: Sequence[dict], train_results: Sequence[Any],
+def step_summary(step: int, rows: Sequence[dict], mismatch: dict[str, float], train_results: Sequence[Any],
                  times: dict[str, float]) -> dict[str, Any]:
-    """The metrics of one step from all ranks' rollout rows ({budget, level, length, correct, format_ok,
-    truncated, reward, advantage}), the engines' mismatch statistics (algo/mismatch.py), the mini-batches'
-    TrainStepResults and the phase timings."""
+    """The metrics of one step from the step's rollout rows ({budget, level, length, correct, format_ok,
+    truncated, reward, advantage}), the rollout/trainer mismatch over all DP ranks
+    (components/refit.mismatch_stats), this rank's mini-batch TrainStepResults and the phase timings."""
     metrics: dict[str, Any] = {"step": step}
     metrics.update({f"rollout/{k}": v for k, v in _reward_accuracy_length(rows).items()})
     metrics["rollout/format_error_rate"] = sum(not r["format_ok"] for r in rows) / len(rows)
@@ -59,10 +59,7 @@ def step_summary(step: int, rows: Sequence[dict], mismatches: Sequence[dict], tr
     metrics["train/lr"] = train_results[-1].lr
     metrics["train/optimizer_steps"] = len(train_results)
     metrics["train/padding_fraction"] = sum(r.padding_fraction for r in train_results) / len(train_results)
-    mismatch_tokens = max(sum(m["tokens"] for m in mismatches), 1)
-    metrics["mismatch/mean_abs"] = sum(m["mean_abs"] * m["tokens"] for m in mismatches) / mismatch_tokens
-    metrics["mismatch/max_abs"] = max(m["max_abs"] for m in mismatches)
-    metrics["mismatch/frac_above"] = sum(m["frac_above"] * m["tokens"] for m in mismatches) / mismatch_tokens
+    metrics.update({f"mismatch/{k}": mismatch[k] for k in ("mean_abs", "max_abs", "frac_above")})
     metrics["rollout/response_tokens"] = sum(r["length"] for r in rows)
     metrics["rollout/samples"] = len(rows)
     metrics.update({f"time/{k}": v for k, v in times.items()})

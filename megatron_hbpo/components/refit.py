@@ -41,22 +41,26 @@ class Refitter:
 
         stream = HFExportStream(self.model, self.hf_config, bucket_bytes=self.bucket_bytes)
         if self.engine is not None:
-            self.engine.wake()  # vLLM loads weights into awake memory; the next generate finds it awake
-            self.engine.update_weights(stream)
+            self.engine.update_weights(stream)  # wakes what it needs; the next generate finds it awake
         else:
             for _ in stream:
                 pass
         self.count += 1
 
 
-def global_mean_abs_mismatch(rollout_logp: Sequence[torch.Tensor], train_logp: Sequence[torch.Tensor],
-                             dp_group: Any) -> float:
-    """Mean |logp_rollout - logp_train| over the sampled tokens of all DP ranks (collective over DP:
-    the model-parallel ranks of a DP rank hold the same records)."""
+def mismatch_stats(rollout_logp: Sequence[torch.Tensor], train_logp: Sequence[torch.Tensor], *,
+                   threshold: float, dp_group: Any) -> dict[str, float]:
+    """|logp_rollout - logp_train| over the sampled tokens of all DP ranks: mean, max, the fraction
+    above `threshold` and the token count (collective over DP: the model-parallel ranks of a DP rank
+    hold the same sequences, so each token counts once)."""
     diff = (torch.cat(list(rollout_logp)).double() - torch.cat(list(train_logp)).double()).abs()
-    totals = torch.tensor([float(diff.sum()), float(diff.numel())], dtype=torch.float64)
-    dist.all_reduce(totals, group=dp_group)
-    return float(totals[0] / max(float(totals[1]), 1.0))
+    sums = torch.tensor([float(diff.sum()), float(diff.numel()), float((diff > threshold).sum())], dtype=torch.float64)
+    peak = torch.tensor([float(diff.max()) if diff.numel() else 0.0], dtype=torch.float64)
+    dist.all_reduce(sums, group=dp_group)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=dp_group)
+    tokens = max(float(sums[1]), 1.0)
+    return {"mean_abs": float(sums[0]) / tokens, "max_abs": float(peak[0]), "frac_above": float(sums[2]) / tokens,
+            "tokens": float(sums[1])}
 
 
 class RefitGuard:

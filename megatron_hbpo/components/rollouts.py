@@ -1,12 +1,16 @@
-"""One DP rank's rollouts: prompts -> requests -> engine -> decode -> verify -> records, on the rank that
-holds the engine, then handed to the rest of its model-parallel group (every rank of the group trains
-on the same records)."""
+"""A step's rollouts on every rank: prompts -> requests -> engine -> decode -> verify -> records.
+
+Each rollout replica (rollout/layout.py) generates its block of the step's prompts: every rank of
+the replica runs the same requests with the same random state (vLLM's tensor parallelism needs
+identical scheduling on its ranks), and the replica's first rank decodes and verifies. The records
+of all replicas are then gathered on every rank, so each training data-parallel rank finds the prompt
+groups it trains on, whatever the two layouts are."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,7 +22,9 @@ from megatron_hbpo.data.chat import PromptBuilder
 from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.rollout.engine import RolloutEngine, Sample, SamplingSettings
+from megatron_hbpo.rollout.layout import RolloutLayout
 from megatron_hbpo.rollout.requests import build_requests
+from megatron_hbpo.seeding import seed_everything
 
 if TYPE_CHECKING:
     from megatron_hbpo.algo.verify import AnswerVerifier
@@ -26,7 +32,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class RolloutRecord:
-    """One scored rollout, as the whole model-parallel group sees it."""
+    """One scored rollout; every rank holds all of a step's records."""
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -59,60 +65,66 @@ def policy_sequences(records: Sequence[RolloutRecord], advantages: torch.Tensor)
 
 @dataclass
 class RolloutWorker:
-    """Generates and verifies (on the group's engine rank) and shares the records over `group`.
+    """Runs the step's rollouts in the rollout layout and hands every rank all of the step's records.
 
-    engine / verifier: on the engine rank only (None elsewhere). group: the model-parallel group,
-    whose first rank `src` holds the engine.
+    engine: on every rank. verifier: on each replica's first rank (None elsewhere). seed: the run's
+    seed; a step's sampling is seeded from (seed, step, replica), the same on a replica's ranks and
+    different between replicas.
     """
 
     rollout: RolloutConfig
     method: Method
     prompts: PromptBuilder
     think_close: str
-    engine: RolloutEngine | None
+    layout: RolloutLayout
+    engine: RolloutEngine
     verifier: AnswerVerifier | None
-    group: Any
-    src: int
+    seed: int
 
     def __post_init__(self) -> None:
-        self.holds_engine = dist.get_rank() == self.src
-        if self.holds_engine and (self.engine is None or self.verifier is None):
-            raise ValueError("the first rank of each model-parallel group needs a rollout engine and a verifier")
+        rank = dist.get_rank()
+        self.replica = self.layout.replica_of(rank)
+        self.is_leader = self.layout.is_leader(rank)
+        if self.is_leader and self.verifier is None:
+            raise ValueError("the first rank of each rollout replica needs a verifier")
 
-    def run(self, problems: Sequence[PromptRow], first_group_id: int, timer: Timer) -> list[RolloutRecord]:
-        """Records of `problems` (group ids first_group_id, ...), identical on every rank of the group."""
-        records = None
-        if self.holds_engine:
-            records = self._generate_and_verify(problems, first_group_id, timer)
-        if dist.get_world_size(self.group) > 1:
-            box = [records]
-            dist.broadcast_object_list(box, src=self.src, group=self.group)
-            records = box[0]
-        assert records is not None
-        return records
+    def run(self, step: int, problems: Sequence[PromptRow], timer: Timer) -> list[RolloutRecord]:
+        """The records of all of `problems` (the step's prompts; group id = index), on every rank."""
+        mine = self.layout.prompt_range(self.replica)
+        # Seeded per replica: vLLM's CPU sampling draws from the global torch generator.
+        seed_everything(self.seed, "step", step, self.replica)
+        records = self._generate_and_verify(problems, mine, timer)
+        if dist.get_world_size() == 1:
+            return records
+        with timer("gather"):
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)  # replicas in rank order: groups in order
+        return [record for part in gathered for record in part]
 
-    def _generate_and_verify(self, problems: Sequence[PromptRow], first: int, timer: Timer) -> list[RolloutRecord]:
-        assert self.engine is not None and self.verifier is not None
+    def _generate_and_verify(self, problems: Sequence[PromptRow], mine: range, timer: Timer) -> list[RolloutRecord]:
         r = self.rollout
         sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length)
-        requests = build_requests(self.prompts, [p.problem for p in problems], self.method.prompt_modes(r.n_rollouts),
-                                  sampling=sampling, first_group_id=first)
+        requests = build_requests(self.prompts, [problems[i].problem for i in mine],
+                                  self.method.prompt_modes(r.n_rollouts), sampling=sampling, first_group_id=mine.start)
         for request in requests:
             if len(request.prompt_ids) > r.max_prompt_length:
                 raise ValueError(f"a prompt has {len(request.prompt_ids)} tokens, more than rollout.max_prompt_length="
-                                 f"{r.max_prompt_length}: {problems[request.group_id - first].problem[:80]!r}")
+                                 f"{r.max_prompt_length}: {problems[request.group_id].problem[:80]!r}")
         with timer("rollout"):
             self.engine.wake()
             samples: list[Sample] = self.engine.generate(requests)
             self.engine.sleep()
+        if not self.is_leader:
+            return []
+        assert self.verifier is not None
         with timer("reward"):
             tokenizer = self.prompts.tokenizer
             texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-            golds = [problems[s.group_id - first].answer for s in samples]
+            golds = [problems[s.group_id].answer for s in samples]
             verdicts = self.verifier.score(texts, golds, think_close=self.think_close)
         return [RolloutRecord(prompt_ids=s.prompt_ids, response_ids=s.response_ids, logprobs=s.logprobs,
                               length=s.length, budget=s.budget, group_id=s.group_id,
-                              level=problems[s.group_id - first].level, correct=v.correct,
+                              level=problems[s.group_id].level, correct=v.correct,
                               # A truncated response is a format error (docs/method.md, the reward).
                               format_ok=v.format_ok and not s.truncated, truncated=s.truncated)
                 for s, v in zip(samples, verdicts)]

@@ -62,6 +62,16 @@ class HFExportStream:
         # The largest full (gathered, padded) tensor: the stream holds at most a bucket plus this.
         self.max_tensor_bytes = max(torch.Size(shape).numel() * dtype.itemsize for _, _, _, shape, dtype in self._plan)
 
+    def hf_plan(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The (HF name, shape) of every tensor the stream will yield, in order, known before any is
+        gathered: the mapping runs on meta tensors of the full shapes. A consumer checks it against its
+        model first, so that a stream that does not fit loads nothing."""
+        plan = []
+        for _, name, _, shape, dtype in self._plan:
+            for hf_name, tensor in megatron_to_hf(name, torch.empty(shape, dtype=dtype, device="meta"), self.hf_config):
+                plan.append((hf_name, tuple(tensor.shape)))
+        return plan
+
     def _full_tensor(self, stage: int, local_name: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         if stage == self._pp_rank:
             param = self._params[local_name]

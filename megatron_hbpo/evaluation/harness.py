@@ -21,13 +21,15 @@ if TYPE_CHECKING:
     from megatron_hbpo.algo.verify import AnswerVerifier
 
 
-def generate_and_score(engine: RolloutEngine, prompts: PromptBuilder, verifier: AnswerVerifier,
+def generate_and_score(engine: RolloutEngine, prompts: PromptBuilder, verifier: AnswerVerifier | None,
                        problems: Sequence[PromptRow], *,
                        benchmark: str, modes: Sequence[str], n: int, sampling: SamplingSettings,
                        think_close: str = THINK_CLOSE, keywords: Sequence[str] = REFLECTION_KEYWORDS,
                        keep_text: bool = True) -> list[ScoredResponse]:
     """`n` samples of every problem under every mode, scored. One engine call per mode, in order: the
-    engine's random stream (seeded by the caller) is consumed the same way on every run."""
+    engine's random stream (seeded by the caller) is consumed the same way on every run. Without a
+    verifier (the other ranks of a tensor-parallel rollout replica, which must generate alongside its
+    first rank) the samples are generated and dropped: returns []."""
     tokenizer = prompts.tokenizer
     close_ids = tokenizer.encode(think_close, add_special_tokens=False)
     records: list[ScoredResponse] = []
@@ -36,6 +38,8 @@ def generate_and_score(engine: RolloutEngine, prompts: PromptBuilder, verifier: 
         budget = mode_budget(mode)
         samples = engine.generate([Request(prompt_ids=prompt_ids, n=n, budget=budget, sampling=sampling, group_id=i)
                                    for i, prompt_ids in enumerate(ids)])
+        if verifier is None:
+            continue
         texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         generated = [Generated(benchmark, mode, s.group_id, problems[s.group_id].level, problems[s.group_id].answer,
                                text, s.response_ids, s.finish_reason, budget)

