@@ -33,6 +33,8 @@ def _layout(recipe: Recipe) -> None:
           f"query groups, head dim {recipe.head_dim}")
     print(f"  world {recipe.cluster.world_size} = TP {p.tensor_model_parallel_size} x PP "
           f"{p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {recipe.data_parallel_size}")
+    print(f"  rollout layout: {recipe.rollout_layout.describe()} (rollout.tensor_parallel_size "
+          f"{r.tensor_parallel_size} of {recipe.cluster.world_size} ranks; every rank runs a vLLM worker)")
     print(f"  per step: {t.prompts_per_step} prompts x {r.n_rollouts} rollouts = "
           f"{t.prompts_per_step * r.n_rollouts} responses, {t.prompts_per_step // t.mini_batch_prompts} optimizer "
           f"steps of {t.mini_batch_prompts} prompts; {t.total_steps} steps")

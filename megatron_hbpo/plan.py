@@ -17,11 +17,15 @@ Per GPU, for the pipeline stage that holds the most (the first or the last), in 
   logits      last stage: tokens x padded vocab / TP x 10 bytes (bf16 output, fp32 copy, fp32 exp)
   vLLM        the colocated engine's share, gpu_memory_utilization x GPU memory, while it is awake
 Two phases must each fit in 95% of the GPU: training (weights + grads + optimizer + activations +
-logits + 2 GiB runtime) with vLLM asleep, and rollout (weights + grads + optimizer + vLLM share).
-The vLLM share must hold its weights (bf16 / vLLM TP) and the KV cache of at least one
-prompt + response. Step FLOPs count matmuls: 2 N per generated or scored token, 6 N per trained token,
-plus attention. Written by hand (Megatron has no planner for a colocated RL step); the formulas are
-the usual ones (Korthikanti et al. 2022 for activations) adapted to SwiGLU, GQA and flash attention.
+logits + 2 GiB runtime) with vLLM asleep (level 2: weights and KV cache freed; the refit reloads
+them), and rollout (weights + grads + optimizer + vLLM share). The rollout layout is the trainer's
+(rollout/layout.py): world / T replicas of T = rollout.tensor_parallel_size GPUs, each holding the
+model's weights / T (bf16) and a KV cache with the model's KV heads split over T; the share must hold
+the weights and at least one prompt + response, and the report says how many of a replica's sequences
+(its prompts x rollouts) its KV cache holds at once. Step FLOPs count matmuls: 2 N per generated or
+scored token, 6 N per trained token, plus attention. Written by hand (Megatron has no planner
+for a colocated RL step); the formulas are the usual ones (Korthikanti et al. 2022 for activations)
+adapted to SwiGLU, GQA and flash attention.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class Plan:
     vllm_gib: float
     vllm_weights_gib: float
     kv_cache_tokens: int
+    rollout_replicas: int
+    sequences_per_replica: int
+    concurrent_sequences: int
     train_gib: float
     rollout_gib: float
     step_tflops: dict = field(default_factory=dict)
@@ -126,6 +133,9 @@ def plan(recipe: Recipe) -> Plan:
     kv_heads_per_rank = max(1, groups // r.tensor_parallel_size)
     kv_bytes_per_token = 2 * layers * kv_heads_per_rank * d * 2
     kv_tokens = max(0, int((vllm - vllm_weights - 1.0) * GIB / kv_bytes_per_token))
+    layout = recipe.rollout_layout
+    sequences_per_replica = layout.prompts_per_replica * r.n_rollouts
+    concurrent = min(sequences_per_replica, kv_tokens // (r.max_prompt_length + r.max_response_length))
     static = weights + grads + optimizer
     train = static + activations + logits + RUNTIME_OVERHEAD_GIB
     rollout = static + vllm + RUNTIME_OVERHEAD_GIB
@@ -170,6 +180,8 @@ def plan(recipe: Recipe) -> Plan:
     return Plan(recipe=recipe.name, gpu=gpu, gpu_gib=gpu_gib, params_total=total, params_per_gpu=per_gpu,
                 weights_gib=weights, grads_gib=grads, optimizer_gib=optimizer, activations_gib=activations,
                 logits_gib=logits, vllm_gib=vllm, vllm_weights_gib=vllm_weights, kv_cache_tokens=kv_tokens,
+                rollout_replicas=layout.replicas, sequences_per_replica=sequences_per_replica,
+                concurrent_sequences=concurrent,
                 train_gib=train, rollout_gib=rollout, step_tflops=step, problems=problems)
 
 
@@ -186,6 +198,8 @@ def report(result: Plan, recipe: Recipe) -> str:
         f"  training phase {result.train_gib:.1f} GiB, rollout phase {result.rollout_gib:.1f} GiB "
         f"(vLLM share {result.vllm_gib:.1f}: weights {result.vllm_weights_gib:.1f}, KV cache "
         f"{result.kv_cache_tokens:,} tokens) of {result.gpu_gib:.1f} GiB",
+        f"  rollout: {recipe.rollout_layout.describe()}; a replica's KV cache holds {result.concurrent_sequences} of "
+        f"its {result.sequences_per_replica} sequences at full length at once",
         "  step: " + ", ".join(f"{k} {v:,.0f} TFLOP" for k, v in result.step_tflops.items()),
     ]
     lines += [f"  DOES NOT FIT: {problem}" for problem in result.problems] or ["  fits"]

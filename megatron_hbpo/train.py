@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(recipe: Recipe, wall_start: float) -> int:
     from megatron_hbpo.components.refit import RefitMismatchError
-    from megatron_hbpo.rollout.vllm_engine import EngineBrokenError
     from megatron_hbpo.data.prompts import DataError
+    from megatron_hbpo.rollout.vllm_engine import EngineBrokenError
 
     try:
         return _run(recipe, wall_start)

@@ -45,6 +45,9 @@ def test_vllm_engine_refit_logprobs_and_prefix_cache(tmp_path):
     print(out)
     assert "same weights: |logp vLLM - Megatron| mean" in out and "after refit" in out
     assert out.count("refused") == 3
+    assert "bucketed refit == one-shot: ids True, log-probs True" in out
+    assert "two partial reload calls == one: False" in out  # the negative control
+    assert "broken stream stopped the engine" in out
     # A fresh engine from the exported checkpoint answers exactly as the refit engine.
     out = run_script("fresh_engine_check.py", "--work", str(tmp_path / "work"))
     assert "same greedy ids True" in out

@@ -10,7 +10,11 @@
    greedy output, for the fresh-engine comparison (fresh_engine_check.py).
 3. Prefix cache: after a refit without the reset, a cached prompt gives the stale output; with it,
    the fresh one.
-4. Bad refits (missing, extra, wrong shape) raise RefitError and the engine still answers as before.
+4. Bucketed refit: a stream whose buckets hold one tensor each (q, k, v and gate, up in different
+   buckets), fed lazily into one reload, gives exactly the one-shot refit's greedy ids and log-probs;
+   two separate reload calls (split between q and k) do not (the negative control).
+5. Bad refits (missing, extra, wrong shape) raise RefitError and the engine still answers as before;
+   a stream that breaks its announced plan after loading began makes the engine refuse to generate.
 Exits non-zero on failure.
 """
 
@@ -67,7 +71,7 @@ def main() -> int:
                            padded_vocab_size(hf_config.vocab_size, 1, recipe.model.make_vocab_size_divisible_by))
     policy.load_full_state(state.__getitem__)
 
-    from megatron_hbpo.rollout.vllm_engine import RefitError, VLLMEngine
+    from megatron_hbpo.rollout.vllm_engine import EngineBrokenError, RefitError, VLLMEngine
 
     engine = VLLMEngine(args.model, seed=0, dtype="float32", max_model_len=512)
     tokenizer = engine.llm.get_tokenizer()
@@ -127,6 +131,28 @@ def main() -> int:
     if refit_greedy[0] != fresh[0]:
         failures.append("greedy output after the streamed refit differs from the list refit")
 
+    # Bucketed vs one-shot, from the same (stale) starting weights each time.
+    original = [(name, source.get(name)) for name in source.weight_map]
+    engine.update_weights(original)
+    if greedy_output() == refit_greedy:
+        failures.append("loading the original weights did not change the output (weak check)")
+    engine.update_weights(OnePairBuckets(exported))
+    bucketed = greedy_output()
+    print(f"bucketed refit == one-shot: ids {bucketed[0] == refit_greedy[0]}, log-probs {bucketed[1] == refit_greedy[1]}",
+          flush=True)
+    if bucketed != refit_greedy:
+        failures.append("the bucketed (lazy, one reload) refit differs from the one-shot refit")
+    engine.update_weights(original)
+    split = next(i for i, (name, _) in enumerate(exported) if name.endswith("self_attn.k_proj.weight"))
+    for part in (exported[:split], exported[split:]):
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": part})
+    engine.llm.reset_prefix_cache()
+    two_calls = greedy_output()
+    print(f"two partial reload calls == one: {two_calls == refit_greedy}", flush=True)
+    if two_calls == refit_greedy:
+        failures.append("two partial reload calls gave the one-call result: the bucketed check proves nothing")
+    engine.update_weights(exported)
+
     # Bad refits change nothing.
     by_name = dict(exported)
     bad_streams = {
@@ -151,9 +177,37 @@ def main() -> int:
     copy_side_files(Path(args.model), out)
     (work / "refit_greedy.json").write_text(json.dumps({"prompt": long_prompt, "ids": refit_greedy[0],
                                                         "logprobs": refit_greedy[1]}))
+    # A stream that announces one plan and then breaks it after loading began: the engine is unusable.
+    broken = [(n, t[:-1] if n == "model.layers.1.mlp.down_proj.weight" else t) for n, t in exported]
+    try:
+        engine.update_weights(OnePairBuckets(broken, plan=exported))
+    except EngineBrokenError as error:
+        print(f"broken stream stopped the engine: {str(error)[:120]}", flush=True)
+        try:
+            greedy_output()
+            failures.append("an engine broken by a failed refit still generated")
+        except EngineBrokenError:
+            pass
+    else:
+        failures.append("a stream that broke its plan was accepted")
     for failure in failures:
         print("FAIL:", failure, flush=True)
     return 1 if failures else 0
+
+
+class OnePairBuckets:
+    """An export stream whose buckets hold one tensor each, with its plan announced up front (by default
+    the pairs' own names and shapes)."""
+
+    def __init__(self, pairs: list, plan: list | None = None):
+        self.pairs = pairs
+        self.plan = [(n, tuple(t.shape)) for n, t in (plan or pairs)]
+
+    def hf_plan(self) -> list:
+        return self.plan
+
+    def __iter__(self):
+        return iter([pair] for pair in self.pairs)
 
 
 if __name__ == "__main__":
