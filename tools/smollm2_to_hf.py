@@ -40,7 +40,8 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_hbpo.convert.hf_io import CheckpointError, atomic_directory
+    from megatron_hbpo.atomic import atomic_directory
+    from megatron_hbpo.convert.hf_io import CheckpointError
 
     gguf = locate_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
