@@ -166,6 +166,10 @@ class RolloutConfig:
     tensor_parallel_size: int = bounded(1, ge=1)
     gpu_memory_utilization: float = bounded(0.5, gt=0, le=1)
     enforce_eager: bool = False
+    # The refit hands the engine its weights in buckets of about this size (a full tensor that is
+    # larger goes alone): the host/device memory a refit adds is about one bucket plus the largest
+    # tensor, not the model (BENCHMARKS.md measures it).
+    refit_bucket_mb: int = bounded(256, ge=1)
     refit_check: RefitCheckConfig = field(default_factory=RefitCheckConfig)
 
 

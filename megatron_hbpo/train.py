@@ -7,14 +7,16 @@ Under torchrun (or srun) for several processes; plain `python` is a world of one
 2. the base model: the synthetic task's supervised warm-up (reused when already done), or the
    recipe's HF checkpoint;
 3. the Megatron policy, resumed from the newest checkpoint with `--resume auto`;
-4. one vLLM engine per model-parallel group, refit with the policy's weights;
+4. a vLLM engine on every rank, T consecutive ranks forming one rollout replica (rollout/layout.py),
+   refit with the policy's weights;
 5. evaluation of the base per level and prompt mode (eval.before_after), the training steps, and the
    evaluation after; `<logging.dir>/summary.json` and `summary.png`.
 
 This module composes the components (build_*); the loop is trainer.py.
 
-Exit codes: 0 done, 1 the refit check or a failed refit stopped the run (one line says why), 2 bad recipe or data, 143
-stopped by SIGTERM after saving a checkpoint.
+Exit codes: 0 done, 1 the refit check or a failed refit stopped the run (one line says why), 2 bad
+recipe or data, 143 stopped by SIGTERM after saving a checkpoint (under torchrun, each rank's; torchrun
+itself then exits 1).
 """
 
 from __future__ import annotations
@@ -277,7 +279,8 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
         policy=policy, method=method, source=source,
         rollouts=RolloutWorker(r, method, prompts, think_close=a.think_close, layout=recipe.rollout_layout,
                                engine=engine, verifier=verifier, seed=t.seed),
-        refitter=Refitter(policy.model[0], hf_config, engine), guard=RefitGuard(r.refit_check, m.params_dtype),
+        refitter=Refitter(policy.model[0], hf_config, engine, bucket_bytes=r.refit_bucket_mb << 20),
+        guard=RefitGuard(r.refit_check, m.params_dtype),
         checkpoints=CheckpointManager(recipe.checkpoint, policy, total_steps=t.total_steps, log=log),
         evaluator=evaluator, temperature=r.temperature, log=log,
         make_logger=lambda start: MetricsLogger(recipe.logging, run_dir, name=recipe.name, start_step=start,

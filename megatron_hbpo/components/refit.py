@@ -20,16 +20,13 @@ from megatron_hbpo.rollout.engine import RolloutEngine
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-REFIT_BUCKET_BYTES = 256 << 20
-
-
 class RefitMismatchError(RuntimeError):
     """The rollout engine's log-probs left the trainer's after a refit (raised on every rank together)."""
 
 
 class Refitter:
     def __init__(self, model: torch.nn.Module, hf_config: PretrainedConfig, engine: RolloutEngine | None, *,
-                 bucket_bytes: int = REFIT_BUCKET_BYTES):
+                 bucket_bytes: int):
         self.model = model
         self.hf_config = hf_config
         self.engine = engine
