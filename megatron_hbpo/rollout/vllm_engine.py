@@ -34,6 +34,7 @@ updated in place, so the output layer is exact there without it.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -207,7 +208,7 @@ class VLLMEngine:
         self._shared_memory = _new_shared_memory(shm_before)
         # An exception or SIGTERM ends the process through the interpreter's exit: remove the segments
         # then, whether or not close() ran (SIGKILL cannot be caught; nothing can clean up after it).
-        atexit.register(_unlink_shared_memory, self._shared_memory)
+        atexit.register(self._release)
         _quiet_rotary_reload_warning()
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self._asleep = False
@@ -298,4 +299,11 @@ class VLLMEngine:
         try:
             self.llm.llm_engine.engine_core.shutdown()
         finally:
-            _unlink_shared_memory(self._shared_memory)
+            self._release()
+
+    def _release(self) -> None:
+        """Drop vLLM first (its message queues unlink their own segments when collected, and complain
+        if someone else did), then remove the segments it leaves behind (the CPU TP buffers)."""
+        self.__dict__.pop("llm", None)
+        gc.collect()
+        _unlink_shared_memory(self._shared_memory)
