@@ -33,7 +33,7 @@ import torch
 
 from megatron_hbpo.convert.mapping import expected_hf_shapes
 from megatron_hbpo.rollout.engine import Request, Sample, WeightStream
-from megatron_hbpo.runtime import require_in_process_vllm
+from megatron_hbpo.runtime import require_in_process_vllm, vllm_options
 
 
 class RefitError(ValueError):
@@ -137,7 +137,7 @@ class VLLMEngine:
         self.on_gpu = torch.cuda.is_available()
         kwargs = dict(model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
                       enforce_eager=enforce_eager, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
-                      logprobs_mode="processed_logprobs")
+                      logprobs_mode="processed_logprobs", **vllm_options())
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                           enable_sleep_mode=True)
