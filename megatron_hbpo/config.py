@@ -376,7 +376,11 @@ class Recipe:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
+        nearby = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, nearby, n=1)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else (
+            f"; recipes there: {', '.join(nearby)}" if nearby else "")
+        raise ConfigError(f"{path}: recipe file not found{hint}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -620,7 +624,8 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
         _check(world_size == c.world_size, "cluster.gpus_per_node",
                f"the recipe describes {c.nodes} node(s) x {c.gpus_per_node} = {c.world_size} processes but "
                f"the job was launched with WORLD_SIZE={world_size}; set cluster.nodes/cluster.gpus_per_node "
-               "to match the launch")
+               f"to match the launch (e.g. cluster.gpus_per_node={max(1, world_size // c.nodes)}) or launch "
+               f"{c.world_size} process(es) (torchrun --nproc-per-node {c.gpus_per_node})")
     _check(c.world_size % (tp * pp * cp) == 0, "parallel",
            f"tensor ({tp}) x pipeline ({pp}) x context ({cp}) = {tp * pp * cp} does not divide the world "
            f"size {c.world_size} (cluster.nodes x cluster.gpus_per_node)")

@@ -2,6 +2,8 @@
 
     python -m megatron_hbpo.plan --config recipes/r1_distill_qwen_7b.yaml [dotted.overrides]
 
+A CPU recipe (cluster.gpu: cpu) gets a host-memory plan instead (host_plan.py).
+
 Per GPU, for the pipeline stage that holds the most (the first or the last), in GiB:
   weights     params of the stage / TP, at the params dtype (+1 byte per FP8 GEMM weight for its cast)
   grads       Megatron DDP's fp32 gradient buffer: 4 bytes per param
@@ -213,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
+        if recipe.cluster.gpu == "cpu":
+            from megatron_hbpo import host_plan
+
+            host = host_plan.host_plan(recipe)
+            print(host_plan.report(host, recipe))
+            return 0 if host.fits else 1
         result = plan(recipe)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

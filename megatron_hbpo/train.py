@@ -15,8 +15,9 @@ Under torchrun (or srun) for several processes; plain `python` is a world of one
 This module composes the components (build_*); the loop is trainer.py.
 
 Exit codes: 0 done, 1 the refit check or a failed refit stopped the run (one line says why), 2 bad
-recipe or data, 143 stopped by SIGTERM after saving a checkpoint (under torchrun, each rank's; torchrun
-itself then exits 1).
+recipe, data, model directory or checkpoint (one line naming the field; preflight.py checks the files
+before anything starts), 143 stopped by SIGTERM after saving a checkpoint (under torchrun, each rank's;
+torchrun itself then exits 1).
 """
 
 from __future__ import annotations
@@ -149,18 +150,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     runtime.configure(verbose=args.verbose)
+    from megatron_hbpo import preflight
+
+    try:
+        preflight.check(recipe)
+    except ConfigError as e:
+        print(f"config error: {args.config}: {e}", file=sys.stderr)
+        return 2
     return run(recipe, wall_start)
 
 
 def run(recipe: Recipe, wall_start: float) -> int:
     from megatron_hbpo.components.refit import RefitMismatchError
     from megatron_hbpo.data.prompts import DataError
+    from megatron_hbpo.megatron.checkpoint import CheckpointMismatchError
     from megatron_hbpo.rollout.vllm_engine import EngineBrokenError
 
     try:
         return _run(recipe, wall_start)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointMismatchError as e:  # what preflight's shape check cannot see (the optimizer's state)
+        _log_rank0_err(f"config error: checkpoint.resume (--resume): {e}")
         return 2
     except (RefitMismatchError, EngineBrokenError) as e:
         _log_rank0_err(str(e))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,3 +31,13 @@ def run_script(name: str, *args: str, timeout: float = 600) -> str:
     if proc.returncode != 0:
         pytest.fail(f"{name} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
+
+
+def load_tool():
+    """tools/evaluate.py as a module (registered first: its dataclasses look themselves up there)."""
+    if "evaluate_tool" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["evaluate_tool"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["evaluate_tool"]

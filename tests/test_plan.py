@@ -67,5 +67,31 @@ def test_cli_exit_codes():
     ok = run("recipes/r1_distill_llama_70b.yaml")
     assert ok.returncode == 0 and "fits" in ok.stdout and "TFLOP" in ok.stdout
     assert run("recipes/r1_distill_qwen_32b.yaml", "rollout.gpu_memory_utilization=0.5").returncode == 1
-    bad = run("recipes/tiny_cpu.yaml")
-    assert bad.returncode == 2 and "cluster.gpu" in bad.stderr
+    bad = run("recipes/tiny_cpu.yaml", "cluster.gpu=A100")
+    assert bad.returncode == 2 and "cluster.gpu" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_recipe_gets_a_host_memory_plan():
+    from megatron_hbpo.host_plan import RUNTIME_GIB, VERIFIER_WORKER_GIB, host_plan
+
+    recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", ["cluster.gpus_per_node=2"])
+    gpu = plan(load_recipe(REPO / "recipes" / "tiny_cpu.yaml", ["cluster.gpus_per_node=2", "cluster.gpu=H100-80GB"]))
+    host = host_plan(recipe, machine_gib=64.0)
+    assert host.fits and host.gpu_plan.weights_gib == gpu.weights_gib and host.gpu_plan.optimizer_gib == gpu.optimizer_gib
+    assert host.activations_gib == pytest.approx(2 * gpu.activations_gib)  # fp32 activations, the plan counts bf16
+    assert host.train_gib == pytest.approx(gpu.weights_gib + gpu.grads_gib + gpu.optimizer_gib + host.activations_gib
+                                           + host.logits_gib + RUNTIME_GIB)
+    # Two processes, each with its own engine (TP 1): weights in fp32 twice (+ the refit copy) and a KV cache.
+    assert host.engines_per_node == 2 and host.kv_cache_gib > 0
+    assert host.engine_weights_gib == pytest.approx(gpu.params_total * 4 / GIB)
+    assert host.node_gib == pytest.approx(2 * (host.train_gib + 2 * VERIFIER_WORKER_GIB)
+                                          + 2 * (2 * host.engine_weights_gib + host.kv_cache_gib))
+    small = host_plan(recipe, machine_gib=1.0)
+    assert not small.fits and "lower cluster.gpus_per_node" in small.problems[0]
+
+
+def test_cpu_plan_cli():
+    proc = subprocess.run([sys.executable, "-m", "megatron_hbpo.plan", "--config", "recipes/tiny_cpu.yaml"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "host memory" in proc.stdout and "KV cache" in proc.stdout and proc.stdout.rstrip().endswith("fits")

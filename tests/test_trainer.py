@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,14 @@ def finish(proc: subprocess.Popen, *, expect: int = 0, timeout: float = 300) -> 
     if proc.returncode != expect:
         pytest.fail(f"train exited {proc.returncode} (expected {expect}):\n{out[-8000:]}")
     return out
+
+
+# Lines that libraries print (warnings with their source line, log records, progress bars of loads).
+LIBRARY_LINE = re.compile(r"Warning|WARNING|INFO|DEBUG|^\s+\S|\[rank\d+\]|it/s\]|Loading safetensors")
+
+
+def library_lines(out: str) -> list[str]:
+    return [line for line in out.replace("\r", "\n").splitlines() if LIBRARY_LINE.search(line)]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -116,6 +125,33 @@ def test_one_rank_run_trains_and_writes_everything(reference, tmp_path):
     assert "warm-up step 40/40" in out
 
 
+def test_a_run_prints_no_library_noise(reference):
+    """runtime.configure filters the known-harmless warnings and log lines (23 of them before the first
+    step's progress line before it did, 0 after); --verbose keeps them (the resume test's last run)."""
+    _, _, out = reference
+    noise = library_lines(out)
+    assert len(noise) < 5, noise
+
+
+def test_resume_from_another_models_checkpoint_is_one_line(reference, tmp_path):
+    root, warmup, _ = reference
+    other = ["model.ffn_hidden_size=192"]  # the reference run's checkpoints have ffn_hidden_size 256
+    proc = subprocess.run([sys.executable, "-m", "megatron_hbpo.train", *small_run(tmp_path, warmup, *other),
+                           "--resume", str(root / "ck" / "step_0000004")], env=PYTHON_ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.startswith("config error:") and "checkpoint.resume (--resume)" in line
+    assert "holds another model: decoder.layers.mlp.linear_fc1.weight is (2, 512, 128) there, (2, 384, 128)" in line
+    assert "--resume none" in line and not (tmp_path / "run").exists()
+    # checkpoint.resume=auto finding another model's checkpoint under checkpoint.dir (same check, in process).
+    from megatron_hbpo import preflight
+    from megatron_hbpo.config import ConfigError, load_recipe
+
+    args = small_run(tmp_path, warmup, *other, f"checkpoint.dir={root / 'ck'}")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: the newest checkpoint, .*step_0000004 holds another model"):
+        preflight.check(load_recipe(args[1], args[2:]))
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -157,8 +193,10 @@ def interrupt_and_resume(args: list[str], root: Path, *, nproc: int = 1) -> list
     assert "SIGTERM: saved the checkpoint" in out
     assert (ck / f"step_{stopped_at:07d}").is_dir()
 
-    out = finish(launch(args + ["--resume", "auto"], nproc=nproc))
+    # 3. Resume again to the end, with --verbose: the library lines the other runs filter are all there.
+    out = finish(launch(args + ["--resume", "auto", "--verbose"], nproc=nproc))
     assert f"resumed from {ck / f'step_{stopped_at:07d}'}" in out
+    assert len(library_lines(out)) >= 10, out[-4000:]
     return read_metrics(run)
 
 
@@ -287,9 +325,12 @@ def test_world_four_tp2_pp2_with_two_rollout_replicas(reference, tmp_path):
 def test_bad_dataset_row_is_named_before_training(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+    from tiny_models import bpe_tokenizer
+
+    bpe_tokenizer().save_pretrained(tmp_path / "tokenizer")  # a chat tokenizer of 323 tokens
     proc = launch(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "data.source=files",
-                   f"data.train_files=[{data}]", "warmup.steps=0", "model.tokenizer_path=unused",
-                   "eval.before_after=false", f"logging.dir={tmp_path / 'run'}"])
+                   f"data.train_files=[{data}]", "warmup.steps=0", f"model.tokenizer_path={tmp_path / 'tokenizer'}",
+                   "model.vocab_size=384", "eval.before_after=false", f"logging.dir={tmp_path / 'run'}"])
     out = finish(proc, expect=2)
     assert f"{data}:2: missing or empty 'answer'" in out
 

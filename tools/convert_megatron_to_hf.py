@@ -4,7 +4,9 @@
 
 OUT is loadable by transformers.AutoModelForCausalLM and by vLLM: safetensors shards + index,
 config.json, generation_config.json and the tokenizer files; vocabulary padding dropped, tied
-embeddings restored by the config. Runs on the CPU in one process.
+embeddings restored by the config. Runs on the CPU in one process. A bad input (not a converted
+checkpoint, or one whose weights and config come from different models) is one line naming the flag,
+exit status 2.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ def main() -> int:
     try:
         stats = megatron_to_hf_checkpoint(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: --ckpt {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"error: --out {e}", file=sys.stderr)
         return 2
     print(summary_line(args.out, stats))
     return 0

@@ -37,17 +37,22 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_hbpo import atomic, runtime
 from megatron_hbpo.algo.constants import BUDGET_TEMPLATE, PROMPT_TEMPLATE, THINK_CLOSE, THINK_OPEN
 from megatron_hbpo.data.chat import PromptBuilder, PromptFormat, parse_mode
 from megatron_hbpo.evaluation.benchmarks import Benchmark, BenchmarkError, load_benchmark
-from megatron_hbpo.evaluation.harness import generate_and_score
 from megatron_hbpo.evaluation.metrics import collect_results, is_results_document, results_document
 from megatron_hbpo.evaluation.plots import plot_levels, result_series
 from megatron_hbpo.evaluation.records import REFLECTION_KEYWORDS
 from megatron_hbpo.evaluation.tables import compare_table, format_report
-from megatron_hbpo.rollout.engine import SamplingSettings
+
+if TYPE_CHECKING:
+    from megatron_hbpo.rollout.engine import SamplingSettings
+
+# Modules that import torch (the harness, the engine) are imported where they are used, after
+# runtime.configure: some of its settings are read when torch is imported.
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +79,7 @@ def resolve_model(model: Path, work: Path, log=print) -> tuple[Path, dict]:
     `work` with tools/convert_megatron_to_hf.py, in a separate process (Megatron's CPU shims and
     process group stay out of the vLLM process)."""
     from megatron_hbpo.convert.checkpoints import MARKER
+    from megatron_hbpo.convert.hf_io import CheckpointError, load_hf_config, weight_files
 
     if not model.is_dir():
         raise UsageError(f"--model {model}: no such directory")
@@ -86,7 +92,8 @@ def resolve_model(model: Path, work: Path, log=print) -> tuple[Path, dict]:
                                "--out", str(out)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
-            raise UsageError(f"--model {model}: conversion to HF failed: {lines[-1]}")
+            last = lines[-1].removeprefix("error: ").removeprefix("--ckpt ")
+            raise UsageError(f"--model {model}: conversion to HF failed: {last}")
         marker = json.loads((model / MARKER).read_text())
         return out, {"kind": "megatron", "checkpoint": marker, "conversion_seconds": time.perf_counter() - start}
     if (model / "trainer_state.json").is_file():
@@ -95,6 +102,13 @@ def resolve_model(model: Path, work: Path, log=print) -> tuple[Path, dict]:
     if not (model / "config.json").is_file():
         raise UsageError(f"--model {model}: neither an HF model directory (config.json) nor a converted Megatron "
                          f"checkpoint ({MARKER})")
+    try:
+        load_hf_config(model)
+    except CheckpointError as e:
+        raise UsageError(f"--model {e}") from None
+    if not weight_files(model):
+        raise UsageError(f"--model {model}: no weights (model*.safetensors) next to config.json; copy them there, "
+                         "or pass the directory that holds them")
     return model, {"kind": "hf"}
 
 
@@ -110,12 +124,16 @@ def prompt_builder(tokenizer, args) -> PromptBuilder:
 
 
 def sampling(args) -> SamplingSettings:
+    from megatron_hbpo.rollout.engine import SamplingSettings
+
     return SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
 
 
 def run_harness(engine, prompts: PromptBuilder, verifier, benchmarks: list[Benchmark], modes: list[str], args
                 ) -> tuple[list, dict[str, float]]:
     """Benchmarks x modes through the evaluation harness: the evaluation itself (also what --bench times)."""
+    from megatron_hbpo.evaluation.harness import generate_and_score
+
     start = time.perf_counter()
     records = []
     for bench in benchmarks:
@@ -140,9 +158,9 @@ def make_engine(model_dir: Path, args, max_model_len: int):
 def context_length(model_dir: Path, prompts: PromptBuilder, benchmarks: list[Benchmark], modes: list[str],
                    args) -> int:
     """max_model_len for vLLM: the longest prompt + --max-tokens, within the model's positions."""
-    from transformers import AutoConfig
+    from megatron_hbpo.convert.hf_io import load_hf_config
 
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    config = load_hf_config(model_dir)  # resolve_model (or the conversion) checked it
     limit = getattr(config, "max_position_embeddings", None)
     ids = prompts.many([(row.problem, mode) for bench in benchmarks for row in bench.rows for mode in modes])
     longest = max(len(i) for i in ids)

@@ -21,6 +21,44 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file or tensor and the fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """A library exception as one line (transformers' messages run over several)."""
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """The transformers config of an HF model directory; CheckpointError (one line) when the directory,
+    its config.json or the architecture it names is missing, unreadable or unknown to transformers."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
+    file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json; pass a Hugging Face model directory")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({first_line(e)})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{file}: model_type {model_type!r} is not an architecture transformers knows; "
+                              "pass a Hugging Face causal-LM directory (Qwen2 or Llama to train)")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"{file}: {first_line(e)}") from None
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files (safetensors, .bin, .pt) an engine could load from an HF model directory."""
+    return sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+                  and not p.name.endswith(".gguf"))
+
+
 class HFCheckpoint:
     """An HF model directory: config.json plus safetensors (one file or an index of shards).
 
@@ -29,15 +67,8 @@ class HFCheckpoint:
     """
 
     def __init__(self, path: str | Path):
-        from transformers import AutoConfig
-
         self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise CheckpointError(f"{self.path}: no config.json; pass a Hugging Face model directory")
-        try:
-            self.config = AutoConfig.from_pretrained(str(self.path), local_files_only=True)
-        except (ValueError, KeyError, OSError) as e:
-            raise CheckpointError(f"{self.path}/config.json: {e}") from None
+        self.config = load_hf_config(self.path)
         if self.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(f"{self.path}: unsupported architecture {self.config.model_type!r} "
                                   f"({getattr(self.config, 'architectures', None)}); supported: "
@@ -86,6 +117,14 @@ class HFCheckpoint:
                 raise CheckpointError(
                     f"{self.path}: tensor {name} has shape {got}, config.json implies {shape}; check "
                     "hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size and vocab_size")
+
+    def stored_dtypes(self) -> set[str]:
+        """The safetensors dtypes of the weights ("BF16", "F32", ...), from the file headers."""
+        dtypes: set[str] = set()
+        for file in sorted(set(self.weight_map.values())):
+            with self._open(file) as handle:
+                dtypes.update(handle.get_slice(name).get_dtype() for name in handle.keys())
+        return dtypes
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:

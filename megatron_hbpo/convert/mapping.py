@@ -112,6 +112,23 @@ def expected_hf_shapes(hf_config: PretrainedConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def megatron_checkpoint_shapes(hf_config: PretrainedConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """The model tensors of a Megatron dist checkpoint of this config, with the global shapes it stores:
+    layers stacked on a leading axis, the norms under Transformer Engine names (the local layer spec
+    saves under the same keys), the vocabulary padded to `padded_vocab`."""
+    hf_shapes = expected_hf_shapes(hf_config)
+    layers = hf_config.num_hidden_layers
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in hf_to_megatron_tensors(lambda n: torch.empty(hf_shapes[n], device="meta"), hf_config,
+                                               padded_vocab, transformer_engine=True):
+        match = _LAYER.fullmatch(name)
+        if match is None:
+            shapes[name] = tuple(tensor.shape)
+        else:
+            shapes[f"decoder.layers.{match.group(2)}"] = (layers, *tensor.shape)
+    return shapes
+
+
 def hf_to_megatron_tensors(get: Callable[[str], torch.Tensor], hf_config: PretrainedConfig, padded_vocab: int, *,
                            transformer_engine: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(Megatron name, full tensor) pairs, reading HF tensors through `get` one layer at a time."""

@@ -27,6 +27,9 @@ class DataError(ValueError):
     """A dataset problem; the message names the file and line or row."""
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 @dataclass
 class PromptRow:
     problem: str
@@ -44,28 +47,40 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{number}", DataError(f"{path}:{number}: not valid JSON ({e.msg})")
-    elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
-        for number, record in enumerate(data):
-            yield f"{path}[{number}]", record
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if suffix not in DATA_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(DATA_SUFFIXES)} "
+                        "(tools/prepare_data.py converts DeepScaleR json and verl parquet)")
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"{path}:{number}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield f"{path}:{number}", DataError(f"{path}:{number}: not valid JSON ({e.msg})")
+        elif suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); a .json file is one array "
+                                "of rows (one row per line: name it .jsonl)") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
+            for number, record in enumerate(data):
+                yield f"{path}[{number}]", record
+        else:
+            import pyarrow.parquet as pq
 
-        for number, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}[{number}]", record
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+            try:
+                table = pq.read_table(path)
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise DataError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
+            for number, record in enumerate(table.to_pylist()):
+                yield f"{path}[{number}]", record
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; is it really {suffix}?") from None
 
 
 def _text(value: Any) -> str | None:

@@ -61,6 +61,42 @@ _STALE_TMP = re.compile(r"\.step_\d{7}\.(tmp|deleting)")
 _DISTOPT_SHARDING = "fully_reshardable"
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint of another model (or optimizer kind) than the one it is loaded into; one line."""
+
+
+def saved_model_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the model tensors a dist checkpoint holds, from its metadata alone (no process
+    group, no tensor read): what a check before loading compares with `convert.mapping.megatron_checkpoint_shapes`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_hbpo.convert.hf_io import first_line
+
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as e:  # torch raises its own types for a missing or foreign .metadata file
+        raise CheckpointMismatchError(f"{directory}: not a readable Megatron dist checkpoint "
+                                      f"({first_line(e)})") from None
+    return {key: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
+            if hasattr(item, "size") and not key.startswith("optimizer.") and "_extra_state" not in key}
+
+
+def check_model_shapes(directory: str | Path, expected: dict[str, tuple[int, ...]], *,
+                       allow_extra: bool = False) -> None:
+    """CheckpointMismatchError naming the first differences when the checkpoint's model tensors are not
+    `expected` (names and global shapes): a checkpoint of another model, caught before any load.
+    `allow_extra`: tensors this model lacks may be there (what `load_training_state` tolerates too)."""
+    saved = saved_model_shapes(directory)
+    problems = [f"{key} is {saved[key]} there, {shape} for this model" for key, shape in expected.items()
+                if key in saved and saved[key] != shape]
+    problems += [f"it lacks {key}" for key in expected if key not in saved]
+    if not allow_extra:
+        problems += [f"it has {key}, which this model lacks" for key in saved if key not in expected]
+    if problems:
+        more = f" (and {len(problems) - 2} more differences)" if len(problems) > 2 else ""
+        raise CheckpointMismatchError(f"{directory} holds another model: {'; '.join(problems[:2])}{more}")
+
+
 def save_weights(model: torch.nn.Module, directory: str | Path) -> None:
     """Collective: every rank of the job calls it. `directory` must not exist yet."""
     from megatron.core import dist_checkpointing
@@ -96,7 +132,7 @@ def _load_model_state(gpt: torch.nn.Module, state: dict, directory: Path) -> Non
     result = gpt.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{directory}: checkpoint does not match the model: missing {missing[:5]}, "
+        raise CheckpointMismatchError(f"{directory}: checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
 
 
@@ -294,11 +330,11 @@ def load_training_state(policy: MegatronPolicy, directory: str | Path) -> dict:
 
     saved_metadata = dist_checkpointing.load_content_metadata(str(directory))
     if saved_metadata is None:
-        raise ValueError(f"{directory}: no content metadata; a weights-only checkpoint (save_weights) "
+        raise CheckpointMismatchError(f"{directory}: no content metadata; a weights-only checkpoint (save_weights) "
                          "or one not written by save_training_state")
     saved_distopt = saved_metadata.get("distrib_optim_sharding_type") is not None
     if saved_distopt != _uses_distributed_optimizer(policy.optimizer):
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{directory}: saved with optimizer.use_distributed_optimizer={saved_distopt}, this run has "
             f"{not saved_distopt}; the optimizer state formats differ, resume with the setting it was saved with")
 
@@ -312,7 +348,8 @@ def load_training_state(policy: MegatronPolicy, directory: str | Path) -> dict:
             # torch's CheckpointException wraps each rank's error with its traceback; keep the errors.
             failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
             cause = "; ".join(sorted({str(f) for f in failures})) or str(e)
-            raise ValueError(f"{directory}: checkpoint does not match this model/optimizer: {cause}") from e
+            raise CheckpointMismatchError(f"{directory}: checkpoint does not match this model/optimizer: "
+                                          f"{' '.join(cause.split())}") from e
         _load_model_state(unwrap(policy.model[0]), state["model"], directory)
         policy.optimizer.load_state_dict(state["optimizer"])
     # OptimizerParamScheduler.load_state_dict *adds* the saved step count to its current one.

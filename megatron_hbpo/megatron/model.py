@@ -101,6 +101,11 @@ def check_hf_config(model: ModelConfig, hf_config: PretrainedConfig) -> None:
         if getattr(model, name) != value:
             raise ConfigError(f"model.{name}: recipe says {getattr(model, name)} but {model.hf_path}/config.json "
                               f"says {value}; fix the recipe")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    recipe_head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    if recipe_head_dim != head_dim:
+        raise ConfigError(f"model.kv_channels: the recipe's head dimension is {recipe_head_dim} but "
+                          f"{model.hf_path}/config.json says {head_dim}; fix the recipe")
 
 
 def _set_scaled_rope(gpt: Any, hf_config: PretrainedConfig, scaling: dict) -> None:

