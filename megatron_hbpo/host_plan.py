@@ -7,10 +7,11 @@ On CPU a "GPU" is one process and everything lives in host memory. Per process, 
   runtime                     what torch, Megatron-Core and vLLM hold in a process before any model
                               (measured: `make run`'s one process peaks at 1.05 GiB, of which the KV
                               cache is 0.25 and the model nothing)
-The first rank of each model-parallel group also holds the rollout engine: a copy of the weights
-at the engine's dtype (vLLM TP is 1 on CPU), the KV cache (VLLMEngine's CPU default), and during a
-refit one more copy (the stream is collected before vLLM's single reload call, rollout/vllm_engine.py).
-Each process starts `verifier.num_workers` math-verify workers (about 0.06 GiB each, measured).
+Every process also runs a rollout engine (rollout/layout.py): its share of the weights at the
+engine's dtype (1 / rollout.tensor_parallel_size), the KV cache (VLLMEngine's CPU default), and
+during a refit one bucket (rollout.refit_bucket_mb, or the whole model when smaller) plus the largest
+tensor (the embedding), which the streamed refit holds at most. The first process of each rollout
+replica starts `verifier.num_workers` math-verify workers (about 0.06 GiB each, measured).
 The node total is checked against this machine's physical memory. Estimates from these counts,
 not measurements of the recipe.
 """
@@ -35,10 +36,11 @@ class HostPlan:
     activations_gib: float
     logits_gib: float
     train_gib: float  # per process: weights + grads + optimizer + activations + logits + runtime
-    engine_weights_gib: float
+    engine_weights_gib: float  # per engine: the weights / rollout.tensor_parallel_size
     kv_cache_gib: float
+    refit_gib: float  # per engine, during a refit: one bucket + the largest tensor
     engines_per_node: int
-    verifier_gib: float  # per process
+    verifier_gib: float  # per replica (its first process)
     node_gib: float
     machine_gib: float
     problems: list[str]
@@ -59,26 +61,30 @@ def machine_memory_gib() -> float:
 
 
 def host_plan(recipe: Recipe, machine_gib: float | None = None) -> HostPlan:
-    m, c, p = recipe.model, recipe.cluster, recipe.parallel
+    m, c = recipe.model, recipe.cluster
     # plan() sizes a GPU; the Megatron state it counts is the same on CPU, only its memory checks differ.
     base = plan(dataclasses.replace(recipe, cluster=dataclasses.replace(c, gpu="H100-80GB")))
     fp32 = m.params_dtype == "fp32"
     activations = base.activations_gib * (2.0 if fp32 else 1.0)
     logits = base.logits_gib * (1.2 if fp32 else 1.0)
     train = base.weights_gib + base.grads_gib + base.optimizer_gib + activations + logits + RUNTIME_GIB
-    engine_weights = base.params_total * (4 if fp32 else 2) / GIB
+    width = 4 if fp32 else 2
+    t = recipe.rollout.tensor_parallel_size
+    engine_weights = base.params_total * width / t / GIB
     kv_cache = _cpu_kv_cache_bytes() / GIB
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-    engines = max(1, c.gpus_per_node // model_parallel)
+    # A bucket never holds more than the model; the largest tensor is the (unpadded) embedding.
+    refit = min((recipe.rollout.refit_bucket_mb << 20) / GIB, base.params_total * width / GIB) \
+        + m.vocab_size * m.hidden_size * width / GIB
+    engines = c.gpus_per_node  # one per process
     verifier = recipe.verifier.num_workers * VERIFIER_WORKER_GIB
-    node = c.gpus_per_node * (train + verifier) + engines * (2 * engine_weights + kv_cache)
+    node = c.gpus_per_node * train + c.gpus_per_node // t * verifier + engines * (engine_weights + kv_cache + refit)
     machine = machine_memory_gib() if machine_gib is None else machine_gib
     problems = []
     if node > machine:
         problems.append(f"a node needs {node:.1f} GiB of this machine's {machine:.1f}; lower cluster.gpus_per_node "
                         "(processes) or train.micro_batch_tokens, or raise parallel.tensor_model_parallel_size")
     return HostPlan(gpu_plan=base, activations_gib=activations, logits_gib=logits, train_gib=train,
-                    engine_weights_gib=engine_weights, kv_cache_gib=kv_cache, engines_per_node=engines,
+                    engine_weights_gib=engine_weights, kv_cache_gib=kv_cache, refit_gib=refit, engines_per_node=engines,
                     verifier_gib=verifier, node_gib=node, machine_gib=machine, problems=problems)
 
 
@@ -90,11 +96,11 @@ def report(result: HostPlan, recipe: Recipe) -> str:
         f"{p.context_parallel_size}, DP {recipe.data_parallel_size}); host memory, {recipe.model.params_dtype}",
         f"  per process: weights {base.weights_gib:.3f} GiB, grads {base.grads_gib:.3f}, optimizer "
         f"{base.optimizer_gib:.3f}, activations {result.activations_gib:.3f}, logits {result.logits_gib:.3f}, "
-        f"runtime {RUNTIME_GIB:.2f} (torch, Megatron, vLLM) = {result.train_gib:.2f} GiB; verifier "
-        f"{recipe.verifier.num_workers} x {VERIFIER_WORKER_GIB:.2f}",
-        f"  rollout engine ({result.engines_per_node} per node, in the first process of each model-parallel group): "
-        f"weights {result.engine_weights_gib:.3f} GiB (+ as much during a refit), KV cache "
-        f"{result.kv_cache_gib:.2f} GiB",
+        f"runtime {RUNTIME_GIB:.2f} (torch, Megatron, vLLM) = {result.train_gib:.2f} GiB",
+        f"  rollout engine in every process ({recipe.rollout_layout.describe()}): weights "
+        f"{result.engine_weights_gib:.3f} GiB, KV cache {result.kv_cache_gib:.2f} GiB, refit buffer "
+        f"{result.refit_gib:.3f} GiB; verifier {recipe.verifier.num_workers} x {VERIFIER_WORKER_GIB:.2f} GiB "
+        "per replica",
         f"  per node {result.node_gib:.1f} GiB of this machine's {result.machine_gib:.1f} GiB",
         "  step: " + ", ".join(f"{k} {v * 1e3:,.2f} GFLOP" for k, v in base.step_tflops.items()),
     ]

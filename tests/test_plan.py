@@ -81,11 +81,18 @@ def test_cpu_recipe_gets_a_host_memory_plan():
     assert host.activations_gib == pytest.approx(2 * gpu.activations_gib)  # fp32 activations, the plan counts bf16
     assert host.train_gib == pytest.approx(gpu.weights_gib + gpu.grads_gib + gpu.optimizer_gib + host.activations_gib
                                            + host.logits_gib + RUNTIME_GIB)
-    # Two processes, each with its own engine (TP 1): weights in fp32 twice (+ the refit copy) and a KV cache.
+    # Two processes, each an engine (two replicas of T=1): fp32 weights, a KV cache and the refit's
+    # bucket + embedding each; a verifier per replica.
     assert host.engines_per_node == 2 and host.kv_cache_gib > 0
     assert host.engine_weights_gib == pytest.approx(gpu.params_total * 4 / GIB)
+    assert host.refit_gib == pytest.approx((gpu.params_total + 128 * 128) * 4 / GIB)  # bucket > model: the model
     assert host.node_gib == pytest.approx(2 * (host.train_gib + 2 * VERIFIER_WORKER_GIB)
-                                          + 2 * (2 * host.engine_weights_gib + host.kv_cache_gib))
+                                          + 2 * (host.engine_weights_gib + host.kv_cache_gib + host.refit_gib))
+    # One replica of T=2: half the weights per engine, one verifier.
+    one = host_plan(load_recipe(REPO / "recipes" / "tiny_cpu.yaml", ["cluster.gpus_per_node=2",
+                                                                      "rollout.tensor_parallel_size=2"]), machine_gib=64.0)
+    assert one.engine_weights_gib == pytest.approx(host.engine_weights_gib / 2)
+    assert one.node_gib == pytest.approx(host.node_gib - 2 * VERIFIER_WORKER_GIB - host.engine_weights_gib)
     small = host_plan(recipe, machine_gib=1.0)
     assert not small.fits and "lower cluster.gpus_per_node" in small.problems[0]
 
