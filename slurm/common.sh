@@ -39,6 +39,9 @@ hbpo_launch() {
   repo="${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
   command="$(hbpo_torchrun_command)"
   export PYTHONUNBUFFERED=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+  # torchrun passes the SIGTERM on to the ranks and SIGKILLs them 30 s later by default, too soon for
+  # a large model to finish its step and checkpoint; leave them most of the 300 s that --signal gives.
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-270}"
   if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
     container_args=(--container-image="${CONTAINER_IMAGE}" --container-workdir="${repo}")
     if [[ -n "${CONTAINER_MOUNTS:-}" ]]; then

@@ -25,7 +25,9 @@ from megatron_hbpo.components.metrics import deterministic_metrics
 from conftest import REPO
 
 PYTHON_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                  OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING")
+                  OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="WARNING",
+                  # as the launchers set it: after SIGTERM torchrun waits this long for the ranks' checkpoint
+                  TORCH_ELASTIC_SHUTDOWN_TIMEOUT="270")
 
 
 def small_run(root: Path, warmup_dir: Path, *extra: str) -> list[str]:

@@ -85,7 +85,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, str]:
     gpus = args.gpus_per_node or base.cluster.gpus_per_node
     cluster = [f"cluster.nodes={nodes}", f"cluster.gpus_per_node={gpus}"]
     recipe = load_recipe(args.config, [*args.overrides, *cluster], world_size=nodes * gpus)
-    env = {"PYTHONUNBUFFERED": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: on SIGTERM torchrun gives the ranks this long to save their
+    # checkpoint before SIGKILL (its default, 30 s, is too short for large models).
+    env = {"PYTHONUNBUFFERED": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "270"}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
