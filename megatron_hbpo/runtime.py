@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from importlib import metadata
 from typing import Any
@@ -164,6 +165,27 @@ def configure(*, megatron: bool = True, verbose: bool = False, cpu_only: bool = 
 
         cpu.enable()
     return on_cpu
+
+
+def end_with_launcher() -> bool:
+    """Under torchrun, ask the kernel to send this rank SIGTERM when torchrun dies (Linux).
+
+    torchrun starts each rank in a session of its own, so a SIGKILL of torchrun alone (a user's
+    `kill -9`, an OOM kill) would leave the ranks training on as orphans, holding their GPUs. With
+    the signal they save at the end of the step and exit, as on preemption. Plain `python` runs are
+    left alone (a parent shell that exits must not stop a `nohup` run). Returns whether it is set."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # torchrun died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def vllm_options() -> dict[str, Any]:

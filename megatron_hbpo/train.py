@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     runtime.configure(verbose=args.verbose)
+    runtime.end_with_launcher()
     from megatron_hbpo import preflight
 
     try:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,16 +41,46 @@ def small_run(root: Path, warmup_dir: Path, *extra: str) -> list[str]:
 
 
 def launch(args: list[str], *, nproc: int = 1, script: Path | None = None) -> subprocess.Popen:
-    """The job as users start it (or `script`, a wrapper taking the same arguments), in a new session
-    so that a test can signal the whole job and find what it left behind."""
+    """The job as users start it (or `script`, a wrapper taking the same arguments). Every process of
+    the job inherits a marker in its environment (torchrun starts its ranks in sessions of their own,
+    so neither the process group nor the parent chain finds them all): `signal_job` and
+    `assert_left_nothing` use it."""
     entry = [str(script)] if script else ["-m", "megatron_hbpo.train"]
     if nproc == 1:
         cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *entry, *args]
-    return subprocess.Popen(cmd, env=PYTHON_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, env=dict(PYTHON_ENV, HBPO_TEST_JOB=marker), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.marker = marker  # type: ignore[attr-defined]
+    return proc
+
+
+def job_processes(proc: subprocess.Popen) -> list[str]:
+    """Live processes of the job (torchrun, its ranks, their verifier workers), as "pid name"."""
+    needle = f"HBPO_TEST_JOB={proc.marker}".encode()  # type: ignore[attr-defined]
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle not in environ.read_bytes().split(b"\0"):
+                continue
+            stat = (environ.parent / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        if stat[stat.rindex(")") + 2] != "Z":
+            found.append(f"{environ.parent.name} {stat[stat.index('(') + 1:stat.rindex(')')]}")
+    return found
+
+
+def signal_job(proc: subprocess.Popen, sig: int) -> None:
+    """Signal every process of the job, as SLURM signals a job step (or a node failure kills it)."""
+    for entry in job_processes(proc):
+        try:
+            os.kill(int(entry.split()[0]), sig)
+        except ProcessLookupError:
+            pass
 
 
 def finish(proc: subprocess.Popen, *, expect: int = 0, timeout: float = 300) -> str:
@@ -160,7 +191,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         if proc.poll() is not None:
             pytest.fail(f"the run ended (exit {proc.returncode}) before the awaited moment:\n{proc.stdout.read()[-6000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_job(proc, signal.SIGKILL)
             pytest.fail("timed out waiting for the run")
         time.sleep(0.05)
 
@@ -179,8 +210,9 @@ def interrupt_and_resume(args: list[str], root: Path, *, nproc: int = 1) -> list
     proc = launch(args, nproc=nproc)
     wait_for(lambda: (ck / "step_0000002").is_dir(), proc)
     time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
+    signal_job(proc, signal.SIGKILL)
     proc.wait()
+    wait_until_gone(proc)  # all ranks, not only the launcher
     assert [m["step"] for m in read_metrics(run)][-1] <= 3
 
     # The killed run may have logged step 3 already: wait until the resumed run has replaced the file
@@ -189,10 +221,10 @@ def interrupt_and_resume(args: list[str], root: Path, *, nproc: int = 1) -> list
     proc = launch(args + ["--resume", "auto"], nproc=nproc)
     wait_for(lambda: (run / "metrics.jsonl").stat().st_ino != killed_file
              and any(m["step"] >= 3 for m in read_metrics(run)), proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    signal_job(proc, signal.SIGTERM)
     out = finish(proc, expect=sigterm_exit(nproc))
     stopped_at = read_metrics(run)[-1]["step"]
-    assert "SIGTERM: saved the checkpoint" in out
+    assert "SIGTERM: saved the checkpoint" in out, out[-5000:]
     assert (ck / f"step_{stopped_at:07d}").is_dir()
 
     # 3. Resume again to the end, with --verbose: the library lines the other runs filter are all there.
@@ -215,26 +247,16 @@ def shared_memory() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if "cpushm" in n or n.startswith("psm_")}
 
 
-def session_processes(sid: int) -> list[str]:
-    """Live processes of a session (a job launched by `launch` leads its own), as "pid command"."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited while we looked
-        fields = text[text.rindex(")") + 2:].split()  # state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append(f"{stat.parent.name} {text[text.index('(') + 1:text.rindex(')')]}")
-    return found
+def wait_until_gone(proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := job_processes(proc)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes outlived the job: {left}"
 
 
 def assert_left_nothing(proc: subprocess.Popen, shm_before: set[str]) -> None:
     """No process of the job and no shared-memory segment it created outlive it."""
-    deadline = time.monotonic() + 20
-    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes outlived the job: {left}"
+    wait_until_gone(proc)
     assert not shared_memory() - shm_before, f"shared memory left in /dev/shm: {shared_memory() - shm_before}"
 
 
@@ -278,7 +300,7 @@ def test_sigterm_and_a_crashing_rank_leave_nothing_behind(reference, tmp_path):
     proc = launch(small_run(tmp_path / "term", warmup, *layout), nproc=2)
     run = tmp_path / "term" / "run"
     wait_for(lambda: (run / "metrics.jsonl").exists() and bool(read_metrics(run)), proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    signal_job(proc, signal.SIGTERM)
     out = finish(proc, expect=sigterm_exit(2))
     assert out.count("SIGTERM: saved the checkpoint") == 1  # logged by rank 0
     assert "Exception ignored" not in out
@@ -290,6 +312,23 @@ def test_sigterm_and_a_crashing_rank_leave_nothing_behind(reference, tmp_path):
     assert proc.returncode != 0, out[-4000:]
     assert "injected crash on rank 1" in out
     assert_left_nothing(proc, shm_before)
+
+
+@pytest.mark.dist
+def test_ranks_save_and_end_when_torchrun_is_killed(reference, tmp_path):
+    """torchrun starts its ranks in sessions of their own: SIGKILL of torchrun alone used to leave them
+    training as orphans. Now the kernel sends them SIGTERM (runtime.end_with_launcher): they save
+    and exit."""
+    _, warmup, _ = reference
+    proc = launch(small_run(tmp_path, warmup, "cluster.gpus_per_node=2", "train.total_steps=20"), nproc=2)
+    run = tmp_path / "run"
+    wait_for(lambda: (run / "metrics.jsonl").exists() and bool(read_metrics(run)), proc)
+    os.kill(proc.pid, signal.SIGKILL)  # torchrun only
+    out, _ = proc.communicate(timeout=300)  # the ranks hold the pipe until they end
+    wait_until_gone(proc)
+    stopped_at = read_metrics(run)[-1]["step"]
+    assert stopped_at < 20 and "SIGTERM: saved the checkpoint" in out, out[-4000:]
+    assert (tmp_path / "ck" / f"step_{stopped_at:07d}").is_dir()
 
 
 @pytest.mark.dist

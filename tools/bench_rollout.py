@@ -128,12 +128,11 @@ def worker_job(args: argparse.Namespace) -> None:
 
 def worker_plain(args: argparse.Namespace) -> None:
     """The same requests through vLLM alone: LLM + generate on each rank of each replica."""
-    import torch.distributed as dist
-    from vllm import LLM, SamplingParams
-
     from megatron_hbpo import runtime
 
-    runtime.configure(megatron=False)
+    runtime.configure(megatron=False)  # before vLLM is imported: the engine in this process, as the job's
+    import torch.distributed as dist
+    from vllm import LLM, SamplingParams
     work = Path(args.work)
     recipe = _recipe(args.config, args.overrides, args.world, args.tp, work)
     rank = int(os.environ.get("RANK", "0"))
