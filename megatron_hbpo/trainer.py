@@ -29,6 +29,7 @@ from megatron_hbpo.components.checkpointer import CheckpointManager
 from megatron_hbpo.components.evaluator import Evaluator
 from megatron_hbpo.components.metrics import MetricsLogger, step_summary
 from megatron_hbpo.components.preemption import PreemptionFlag
+from megatron_hbpo.components.reference import ReferencePass
 from megatron_hbpo.components.refit import RefitGuard, Refitter, global_mean_abs_mismatch
 from megatron_hbpo.components.rollouts import RolloutRecord, RolloutWorker, policy_sequences, scored_rollouts
 from megatron_hbpo.components.timer import Timer
@@ -70,6 +71,7 @@ class Trainer:
     make_logger: Callable[[int], MetricsLogger]
     temperature: float  # the rollout temperature: logp_old is taken at it
     log: Callable[[str], None] = print
+    reference: ReferencePass | None = None  # the method's base-model measurement (Method.reference)
 
     def __post_init__(self) -> None:
         from megatron.core import parallel_state
@@ -80,8 +82,17 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.start_step = 1
         self.preempted = False
+        self.prepared = False
 
     # -- the loop ----------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Collective. What the method measures on the base model before its first step (AdaptThink's
+        R_ref; nothing for the others): call while the engine still holds the base weights, i.e. before
+        the refit that follows a resume."""
+        if self.reference is not None:
+            self.method.use_reference(self.reference.table())
+            self.prepared = True
 
     def resume(self) -> bool:
         """Load the checkpoint the recipe names, if any, into the policy; whether one was loaded. The caller
@@ -96,6 +107,9 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train to the last step; returns the metrics of the steps run. Stops early (after a checkpoint)
         on SIGTERM and sets `self.preempted`."""
+        if self.reference is not None and not self.prepared:
+            raise RuntimeError(f"{self.method.name} measures the base model before training: call Trainer.prepare() "
+                               "before Trainer.run()")
         logger = self.make_logger(self.start_step)
         history = []
         try:
@@ -124,19 +138,23 @@ class Trainer:
             problems, first = self.my_prompts(step)
             records = self.rollouts.run(problems, first, timer)
             with timer("reward"):
-                rewards, advantages = self.method.rewards_and_advantages(scored_rollouts(records))
+                scored = scored_rollouts(records, sum_over_ranks=self._sum_over_dp)
+                rewards, advantages = self.method.rewards_and_advantages(scored)
                 sequences = policy_sequences(records, advantages)
             with timer("logp_old"):
                 logp_old = self.policy.logprobs(sequences, temperature=self.temperature)
                 for seq, logp in zip(sequences, logp_old):
                     seq.logp_old = logp
-            self.guard.observe(step, global_mean_abs_mismatch([x.logprobs for x in records], logp_old, self.dp_group),
-                               self.refitter.count)
+            # Rollout vs trainer log-probs over the tokens the engine sampled (a forced first token's
+            # rollout log-prob is the sampling scheme's, not the engine's).
+            sampled_old = [logp[x.forced:] for x, logp in zip(records, logp_old)]
+            self.guard.observe(step, global_mean_abs_mismatch([x.sampled_logprobs for x in records], sampled_old,
+                                                              self.dp_group), self.refitter.count)
             with timer("train"):
                 results = [self.policy.train_step(mini, self.loss) for mini in self.mini_batches(records, sequences)]
             with timer("refit"):
                 self.refitter.refit()
-        mismatch = logprob_mismatch(torch.cat([x.logprobs for x in records]), torch.cat(logp_old),
+        mismatch = logprob_mismatch(torch.cat([x.sampled_logprobs for x in records]), torch.cat(sampled_old),
                                     threshold=self.schedule.mismatch_threshold)
         rows, mismatches = self._gather(records, rewards, advantages, mismatch)
         return step_summary(step, rows, mismatches, results, dict(timer.seconds))
@@ -159,6 +177,13 @@ class Trainer:
         for first in range(0, len(order), per_rank):
             chosen = set(order[first:first + per_rank])
             yield [seq for x, seq in zip(records, sequences) if x.group_id in chosen]
+
+    def _sum_over_dp(self, values: torch.Tensor) -> torch.Tensor:
+        """All-reduce SUM over the data-parallel ranks (model-parallel peers hold the same records)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else values.device
+        total = values.to(device, copy=True)
+        dist.all_reduce(total, group=self.dp_group)
+        return total.to(values.device)
 
     def _gather(self, records: Sequence[RolloutRecord], rewards: torch.Tensor, advantages: torch.Tensor,
                 mismatch: dict) -> tuple[list[dict], list[dict]]:
