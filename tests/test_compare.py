@@ -1,0 +1,123 @@
+"""The comparison of HBPO and its baselines on the embedded task (`python -m megatron_hbpo.compare`), and
+each baseline's tiny recipe end to end as users run it (subprocesses with vLLM, like tests/test_trainer.py).
+
+The short form trains every method for 2 steps from a 40-step warm-up and checks the runs and the
+table; the long form (slow) is the comparison reported in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from megatron_hbpo.compare import comparison_table
+from megatron_hbpo.evaluation.metrics import results_document
+from megatron_hbpo.evaluation.records import ScoredResponse
+from test_trainer import PYTHON_ENV, assert_finite_metrics, finish, launch, read_metrics
+
+METHODS = ("grpo", "tlmre", "l1_max", "adaptthink", "hbpo")
+
+
+def record(setting: str, level: str, tokens: int, correct: bool, nothinking: bool = False) -> ScoredResponse:
+    return ScoredResponse(benchmark="synthetic", setting=setting, problem_index=0, level=level, correct=correct,
+                          tokens=tokens, thinking_tokens=tokens, answer_tokens=0, closed_thinking=True,
+                          truncated=False, status="ok", answer="1", gold="1", nothinking=nothinking)
+
+
+def document(accuracy: float, tokens: int, budget_tokens: int) -> dict:
+    """A results document: 2 levels x 4 samples in natural mode, and budget:16 / budget:32."""
+    records = [record("natural", lv, tokens, i < 4 * accuracy, nothinking=i == 0) for lv in ("1", "2")
+               for i in range(4)]
+    records += [record(f"budget:{b}", lv, budget_tokens * b // 16, True) for b in (16, 32) for lv in ("1", "2")
+                for _ in range(2)]
+    return results_document(records, label="x", soft_margin=4)
+
+
+def test_comparison_table_means_and_ranges_over_seeds():
+    table = comparison_table({"base": [document(0.5, 40, 20), document(0.5, 40, 20)],
+                              "hbpo": [document(0.75, 20, 15), document(1.0, 30, 17)]})
+    lines = table.splitlines()
+    assert lines[0] == ("| method | level 1 | level 2 | all | NoThinking % | length prompt | within % | soft viol. % "
+                        "| overshoot % | abs. dev. % | r(N, L) |")
+    base, hbpo = lines[2].split(" | "), lines[3].split(" | ")
+    assert base[1] == "50.0 [50.0, 50.0] / 40.0 [40.0, 40.0]" and base[4] == "25.0 [25.0, 25.0]"
+    assert hbpo[1] == "87.5 [75.0, 100.0] / 25.0 [20.0, 30.0]"
+    # budget:16 with 15 tokens and budget:32 with 30: all within, overshoot undefined (no violator); with 17
+    # and 34 tokens, all over by 1/16 and 2/32: the mean overshoot is over the seed where it is defined.
+    assert base[5] == "budget:N" and hbpo[6] == "50.0 [0.0, 100.0]" and hbpo[8] == "6.2"
+    # 20 and 40 tokens: 4 and 8 over; with a soft margin of 4 only the second is a soft violation.
+    assert base[6] == "0.0 [0.0, 0.0]" and base[7] == "50.0 [50.0, 50.0]"
+
+
+def run_compare(out, *args: str, timeout: float) -> str:
+    proc = subprocess.run([sys.executable, "-m", "megatron_hbpo.compare", "--out", str(out), *args], cwd=REPO,
+                          env=PYTHON_ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def check_comparison(out, stdout: str, seeds: list[int]) -> None:
+    for method in METHODS:
+        for seed in seeds:
+            run = out / method / f"seed_{seed}"
+            metrics = read_metrics(run)
+            assert metrics and all(m["train/grad_norm"] > 0 for m in metrics), method
+            assert_finite_metrics(metrics)
+            after = json.loads((run / "eval_after.json").read_text())
+            assert {f"budget:{b}" for b in (16, 32, 48, 64)} <= set(after["results"]), method
+            assert "budget" in after["adherence"]
+    l1 = json.loads((out / "l1_max" / f"seed_{seeds[0]}" / "eval_after.json").read_text())
+    assert set(l1["adherence"]) == {"budget", "max_length"} and l1["adherence"]["max_length"]["kind"] == "max"
+    # L1-Max resumed from its L1-Exact stage; AdaptThink measured R_ref per level first.
+    assert "resumed from" in (out / "l1_max" / f"seed_{seeds[0]}" / "train.log").read_text()
+    reference = json.loads((out / "adaptthink" / f"seed_{seeds[0]}" / "adaptthink_reference.json").read_text())
+    assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"}
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | level 1 |") and (out / "comparison.md").is_file()
+    labels = [row.split(" | ")[0].lstrip("| ") for row in rows[2:]]
+    assert [x for x in labels if x] == ["base", *METHODS]
+
+
+def test_short_comparison_trains_every_method_and_prints_the_table(tmp_path):
+    stdout = run_compare(tmp_path, "--short", "--seeds", "1234", timeout=1500)
+    check_comparison(tmp_path, stdout, [1234])
+
+
+@pytest.mark.slow
+def test_long_comparison_over_two_seeds(tmp_path):
+    """The comparison of BENCHMARKS.md (60 steps, 200 problems per level and mode, two seeds): about two
+    hours on the 2-core machine."""
+    stdout = run_compare(tmp_path, "--seeds", "1234,1235", timeout=6 * 3600)
+    check_comparison(tmp_path, stdout, [1234, 1235])
+    print(stdout)
+
+
+def small_run(recipe: str, root, warmup, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "recipes" / recipe), "warmup.steps=40", f"warmup.dir={warmup}",
+            "train.total_steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+            f"checkpoint.dir={root / 'ck'}", f"logging.dir={root / 'run'}", "logging.progress_bar=false",
+            "eval.before_after=false", "verifier.num_workers=1", "algo.adaptthink.reference_problems_per_level=2",
+            "algo.adaptthink.ref_samples=4", *extra]
+
+
+TWO_RANKS = [pytest.param("tiny_cpu_adaptthink.yaml", marks=pytest.mark.dist),
+             *(pytest.param(r, marks=pytest.mark.slow) for r in ("tiny_cpu_tlmre.yaml", "tiny_cpu_l1_exact.yaml",
+                                                                 "tiny_cpu_l1_max.yaml"))]
+
+
+@pytest.mark.parametrize("recipe", TWO_RANKS)
+def test_baseline_on_two_data_parallel_ranks(tmp_path, recipe):
+    """Two DP ranks: each generates and scores its half of the prompts (TLMRE's batch whitening all-reduces
+    its moments; AdaptThink's R_ref pass splits the problems and gathers the table)."""
+    extra = ["algo.tlmre.batch_whiten=true"] if "tlmre" in recipe else []
+    out = finish(launch(small_run(recipe, tmp_path, tmp_path / "warmup", "cluster.gpus_per_node=2", *extra), nproc=2))
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["rollout/samples"] == 32
+    assert_finite_metrics(metrics)
+    assert all(math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 for m in metrics)
+    assert "Traceback" not in out
