@@ -104,9 +104,13 @@ def think_tag_counts(response_text: str, *, think_open: str = THINK_OPEN, think_
     return response_text.count(think_open) - forced_text.count(think_open), response_text.count(think_close)
 
 
-def is_nothinking(response_text: str, *, think_close: str = NOTHINKING_TOKEN) -> bool:
-    """Evaluation: the model chose NoThinking, i.e. its response opens with `</think>`."""
-    return response_text.lstrip().startswith(think_close)
+def is_nothinking(response_text: str, *, think_close: str = NOTHINKING_TOKEN, think_open: str = THINK_OPEN) -> bool:
+    """Evaluation: the model chose NoThinking, i.e. its response opens with `</think>`, or with an empty
+    `<think></think>` block where the model opens the block itself (the synthetic task's)."""
+    text = response_text.lstrip()
+    if text.startswith(think_open):
+        text = text[len(think_open):].lstrip()
+    return text.startswith(think_close)
 
 
 # -- reward, advantage and R_ref --------------------------------------------------------------------

@@ -9,7 +9,7 @@
 
 A summary holds samples, problems, accuracy (pass@1 averaged over the samples of each problem),
 tokens {mean, median, p90}, mean thinking / answer tokens, truncation, no-`</think>`, NoThinking
-(the response opens with `</think>`, AdaptThink's Ratio_NT) and format-error rates, and reflection
+(an empty thinking block: AdaptThink's Ratio_NT) and format-error rates, and reflection
 keywords per response. Under a mode that asks for a length (budget:N, length:N, max_length:N;
 data/chat.py mode_target) it also holds "adherence": the budget-adherence metrics against N
 (evaluation/adherence.py). "adherence" at the top averages them over each family's targets

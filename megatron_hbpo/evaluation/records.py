@@ -42,7 +42,7 @@ class ScoredResponse:
     reflections: dict[str, int] = field(default_factory=dict)  # keyword -> count in the response
     response: str = ""
     budget: int | None = None  # the token budget the prompt stated (budget modes), for adherence
-    nothinking: bool = False  # the response opens with `</think>`: AdaptThink's NoThinking
+    nothinking: bool = False  # an empty thinking block (`</think>` first): AdaptThink's NoThinking
 
     def to_json(self) -> dict:
         return asdict(self)

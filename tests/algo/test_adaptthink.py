@@ -119,6 +119,8 @@ def test_evaluation_mode_detection():
     assert is_nothinking("</think>\n\nThe answer is 4.")
     assert is_nothinking("\n</think>4")
     assert not is_nothinking("Okay, let me think.</think>4")
+    assert is_nothinking("<think></think>\\boxed{4}")  # an empty block the model opened itself
+    assert not is_nothinking("<think>2+2=4</think>\\boxed{4}")
 
 
 def test_reference_accuracy_table_and_lookup():
