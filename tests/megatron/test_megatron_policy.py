@@ -75,7 +75,7 @@ def test_sequence_loss_gradient_does_not_depend_on_the_micro_batch_split(sequenc
         assert report[family]["clipped"] > 0  # the forced token's log 0.5 moves some ratios out of the clip range
 
 
-@pytest.mark.parametrize("mode", ["tp", "dp"])
+@pytest.mark.parametrize("mode", ["dp", pytest.param("tp", marks=pytest.mark.slow)])
 def test_sequence_loss_parallel_step_equals_single_process(sequence_reference, mode):
     path, _ = sequence_reference
     result = run_torchrun("policy_equivalence.py", "--mode", mode, "--ref", str(path), "--loss", "sequence", nproc=2)
