@@ -11,7 +11,7 @@ sentence), plus L1-Max under its own max_length:N. L1-Max runs its two stages (d
 "L1"): L1-Exact for the first 700/820 of the steps, then the max stage resumed from that checkpoint.
 
 The table: per method, accuracy % and mean response tokens per level in natural mode, the NoThinking
-share (responses opening with `</think>`), and budget adherence averaged over the targets (within-
+share (responses with an empty thinking block), and budget adherence averaged over the targets (within-
 budget and soft-violation rates, mean overshoot, mean absolute deviation, r(N, L)); each as the mean
 over the seeds with [min, max]. `--short` is a smoke run (a 40-step warm-up of its own, 2 steps, 4
 problems per level): its numbers mean nothing. Writes <out>/comparison.md and comparison.json; each
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all runs done in {time.perf_counter() - start:.0f} s", flush=True)
     runs = collect(out, methods, seeds)
     table = comparison_table(runs)
-    caption = (f"Natural mode: accuracy % / mean response tokens per level; NoThinking: responses opening with "
-               f"`</think>`; adherence under each length prompt, averaged over the targets (HBPO's budget:N for "
+    caption = (f"Natural mode: accuracy % / mean response tokens per level; NoThinking: responses with an empty "
+               f"thinking block; adherence under each length prompt, averaged over the targets (HBPO's budget:N for "
                f"every method, L1's max_length:N for L1-Max). Mean over seeds {', '.join(map(str, seeds))} "
                f"[min, max]; {hbpo.train.total_steps} steps, {hbpo.eval.problems_per_level} problems per level"
                + (" (--short: a smoke run, the numbers mean nothing)" if args.short else "") + ".")
