@@ -67,7 +67,8 @@ def check_comparison(out, stdout: str, seeds: list[int], methods=METHODS) -> Non
         for seed in seeds:
             run = out / method / f"seed_{seed}"
             metrics = read_metrics(run)
-            assert metrics and all(m["train/grad_norm"] > 0 for m in metrics), method
+            assert metrics and all(m["train/grad_norm"] > 0 for m in metrics
+                                   if (m["advantage/min"], m["advantage/max"]) != (0, 0)), method
             assert_finite_metrics(metrics)
             after = json.loads((run / "eval_after.json").read_text())
             assert {f"budget:{b}" for b in (16, 32, 48, 64)} <= set(after["results"]), method
@@ -132,5 +133,7 @@ def test_baseline_on_two_data_parallel_ranks(tmp_path, recipe):
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["rollout/samples"] == 32
     assert_finite_metrics(metrics)
-    assert all(math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 for m in metrics)
+    # The policy moved wherever some advantage was not zero (TLMRE gives none when no answer is correct).
+    assert all(m["train/grad_norm"] > 0 for m in metrics if (m["advantage/min"], m["advantage/max"]) != (0, 0))
+    assert all(math.isfinite(m["train/loss"]) for m in metrics)
     assert "Traceback" not in out
