@@ -275,7 +275,7 @@ def test_adaptthink_forced_tokens_reference_rewards_and_loss(world, tmp_path):  
 
     problems = reference_problems(trainer.method.reference(), cfg.data, [], cfg.train.seed)
     acc: dict[str, list[bool]] = {}
-    for q, s in samples_by_request(ref_requests, ref_samples):
+    for _, s in samples_by_request(ref_requests, ref_samples):
         text = tokenizer.decode([open_, *s.response_ids], skip_special_tokens=True)
         format_ok, correct = verdict(text, problems[s.group_id].answer, s.finish_reason)
         n_open, n_close = think_tag_counts(text, forced_text="<think>")
@@ -289,7 +289,8 @@ def test_adaptthink_forced_tokens_reference_rewards_and_loss(world, tmp_path):  
     samples = step_samples(trainer, engine, tokenizer)
     # Per prompt: 4 forced NoThinking then 4 forced Thinking, each cap counting the forced token.
     requests = engine.calls[-1][0]
-    assert [(q.group_id, q.n, q.prompt_ids[-1]) for q in requests] ==         [(g, 4, token) for g in range(4) for token in (close, open_)]
+    expected_requests = [(g, 4, token) for g in range(4) for token in (close, open_)]
+    assert [(q.group_id, q.n, q.prompt_ids[-1]) for q in requests] == expected_requests
     assert all(q.sampling.max_tokens == 95 and q.forced_logprob == pytest.approx(math.log(0.5)) for q in requests)
     # The forced token is the first response token, trained, counted in L, with rollout log-prob log 0.5.
     trained = [seq for mini in seen["minis"] for seq in mini]
