@@ -40,7 +40,10 @@ def generate_and_score(engine: RolloutEngine, prompts: PromptBuilder, verifier: 
     close_ids = tokenizer.encode(think_close, add_special_tokens=False)
     forced_id = None
     if forced_first is not None:
-        [forced_id] = tokenizer.encode(forced_first, add_special_tokens=False)  # one token (config checks it)
+        encoded = tokenizer.encode(forced_first, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"forced first token {forced_first!r} is {len(encoded)} tokens of this tokenizer, not one")
+        forced_id = encoded[0]
     records: list[ScoredResponse] = []
     for mode in modes:
         ids = prompts.many([(p.problem, mode) for p in problems])
