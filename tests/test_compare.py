@@ -1,9 +1,10 @@
 """The comparison of HBPO and its baselines on the embedded task (`python -m megatron_hbpo.compare`), and
 each baseline's tiny recipe end to end as users run it (subprocesses with vLLM, like tests/test_trainer.py).
 
-The short form trains methods for 2 steps from a 40-step warm-up and checks the runs and the table
-(L1-Max and AdaptThink in the default suite, every method over two seeds among the slow tests); the
-long form (slow) is the comparison reported in BENCHMARKS.md. The two-rank runs are slow too.
+The default suite runs AdaptThink's tiny recipe end to end (2 steps from a 40-step warm-up, with
+evaluation) and the table's arithmetic. Slow: the short comparison (2 steps per method) for L1-Max and
+AdaptThink and for every method over two seeds, each baseline on two data-parallel ranks, and the
+long comparison reported in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def check_comparison(out, stdout: str, seeds: list[int], methods=METHODS) -> Non
         assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"}
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| method | level 1 |") and (out / "comparison.md").is_file()
-    labels = [row.split(" | ")[0].lstrip("| ") for row in rows[2:]]
+    labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]  # rows[0]: the header
     assert [x for x in labels if x] == ["base", *methods]
 
 
+@pytest.mark.slow
 def test_short_comparison_of_the_baselines_with_new_machinery(tmp_path):
     """L1-Max (two stages, its own length prompts) and AdaptThink (forced tokens, R_ref) end to end on one
-    rank, and the table; the other methods' short runs are in the slow test below."""
+    rank, and the table (about 2 minutes on an idle 2-core machine, 8 under load)."""
     methods = ("l1_max", "adaptthink")
     stdout = run_compare(tmp_path, "--short", "--seeds", "1234", "--methods", ",".join(methods), timeout=1200)
     check_comparison(tmp_path, stdout, [1234], methods)
@@ -117,6 +119,24 @@ def small_run(recipe: str, root, warmup, *extra: str) -> list[str]:
             f"checkpoint.dir={root / 'ck'}", f"logging.dir={root / 'run'}", "logging.progress_bar=false",
             "eval.before_after=false", "verifier.num_workers=1", "algo.adaptthink.reference_problems_per_level=2",
             "algo.adaptthink.ref_samples=4", *extra]
+
+
+def test_adaptthink_tiny_recipe_end_to_end(tmp_path):
+    """The default suite's end-to-end run of a baseline: AdaptThink, whose path differs most from HBPO's
+    (R_ref through the harness, forced tokens through vLLM, the sequence-mean loss), with evaluation."""
+    out = finish(launch(small_run("tiny_cpu_adaptthink.yaml", tmp_path, tmp_path / "warmup", "eval.before_after=true",
+                                  "eval.problems_per_level=2", "eval.modes=[budget:32]")))
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["rollout/samples"] == 32
+    assert_finite_metrics(metrics)
+    assert all(m["train/grad_norm"] > 0 and 0 < m["train/ratio"] < 2 for m in metrics)  # A = acc - R_ref + delta != 0
+    assert metrics[0]["mismatch/mean_abs"] < 1e-3  # the forced token's log 0.5 is not compared with the trainer's
+    reference = json.loads((tmp_path / "run" / "adaptthink_reference.json").read_text())
+    assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"} and "R_ref: 4 entries" in out
+    after = json.loads((tmp_path / "run" / "eval_after.json").read_text())
+    assert set(after["results"]) == {"natural", "budget:32"} and "nothinking_rate" in after["results"]["natural"][
+        "synthetic"]["all"]
+    assert after["adherence"]["budget"]["targets"] == [32]
 
 
 TWO_RANKS = ["tiny_cpu_adaptthink.yaml", "tiny_cpu_tlmre.yaml", "tiny_cpu_l1_exact.yaml", "tiny_cpu_l1_max.yaml"]
