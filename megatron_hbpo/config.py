@@ -25,6 +25,14 @@ from typing import Any, Literal
 import yaml
 
 from megatron_hbpo.algo.constants import (
+    ADAPTTHINK_CLIP_EPS,
+    ADAPTTHINK_DELTA,
+    ADAPTTHINK_NOTHINKING_FRACTION,
+    ADAPTTHINK_NOTHINKING_MAX_RESPONSE_LENGTH,
+    ADAPTTHINK_NOTHINKING_TOKEN,
+    ADAPTTHINK_REF_SAMPLES,
+    ADAPTTHINK_THINKING_TOKEN,
+    ADHERENCE_SOFT_MARGIN,
     ADV_EPS,
     ALPHA,
     BETA,
@@ -33,11 +41,23 @@ from megatron_hbpo.algo.constants import (
     CLIP_EPS_HIGH,
     CLIP_EPS_LOW,
     DUAL_CLIP_C,
+    L1_ALPHA,
+    L1_ALPHA_MAX,
+    L1_DELTA,
+    L1_EVAL_TARGETS,
+    L1_MAX_FRACTION,
+    L1_N_MAX,
+    L1_N_MIN,
+    L1_STAGE,
     L_MAX,
     PROMPT_TEMPLATE,
     THINK_CLOSE,
     THINK_OPEN,
+    TLMRE_ALPHA,
+    TLMRE_BATCH_WHITEN,
+    TLMRE_STD_EPS,
 )
+from megatron_hbpo.data.chat import parse_mode
 from megatron_hbpo.rollout.layout import RolloutLayout, rollout_layout
 
 REQUIRED: Any = dataclasses.MISSING
@@ -174,11 +194,71 @@ class RolloutConfig:
 
 
 @dataclass
-class AlgoConfig:
-    """The method and its knobs (docs/method.md); `name` selects it (algo/methods.py)."""
+class L1Config:
+    """L1 / LCPO (docs/baselines.md, "L1"): a target length N in the user turn, drawn once per problem,
+    and a reward mixing correctness with length adherence; the authors' settings by default."""
 
-    name: Literal["hbpo", "grpo"] = "hbpo"
-    # Token budgets b_1 < ... < b_k; GRPO uses none ([]).
+    # Exact mode: R = correct - alpha |N - L|.
+    alpha: float = bounded(L1_ALPHA, ge=0)
+    # Max mode: R = correct * clip(alpha_max (N - L) + delta, 0, 1).
+    alpha_max: float = bounded(L1_ALPHA_MAX, gt=0, hint="the max-mode slope per token")
+    delta: float = bounded(L1_DELTA, ge=0, le=1, hint="the max-mode reward at L = N")
+    # Targets N are uniform integers in [n_min, n_max], a function of (target_seed, problem text).
+    n_min: int = bounded(L1_N_MIN, ge=1)
+    n_max: int = bounded(L1_N_MAX, ge=1)
+    target_seed: int = 0
+    # "exact": every prompt in exact mode (L1-Exact); "max": the dual objective of L1-Max, each problem
+    # in max mode with probability max_fraction, else exact.
+    stage: Literal["exact", "max"] = L1_STAGE
+    max_fraction: float = bounded(L1_MAX_FRACTION, ge=0, le=1)
+    # Targets evaluated (length:N in the exact stage, max_length:N in the max stage), for adherence.
+    eval_targets: list[int] = bounded(items_gt=0, default_factory=lambda: list(L1_EVAL_TARGETS))
+
+
+@dataclass
+class TLMREConfig:
+    """TLMRE (docs/baselines.md, "TLMRE"): correct answers shorter than their prompt's other correct
+    answers are paid more; leave-one-out advantage without a std."""
+
+    # R = correct * (1 - alpha * sigmoid(z)); below 1 so that a correct answer always beats a wrong one.
+    alpha: float = bounded(TLMRE_ALPHA, ge=0, lt=1)
+    std_eps: float = bounded(TLMRE_STD_EPS, gt=0)
+    # Whiten all advantages of the rollout batch over every rank (the released code; the paper has none).
+    batch_whiten: bool = TLMRE_BATCH_WHITEN
+
+
+@dataclass
+class AdaptThinkConfig:
+    """AdaptThink (docs/baselines.md, "AdaptThink"): half of each prompt's rollouts forced to start with
+    `</think>` (NoThinking), half with a first word of thinking; A = acc - R_ref(x) + delta 1[NoThinking]."""
+
+    delta: float = bounded(ADAPTTHINK_DELTA, ge=0)
+    clip_eps_low: float = bounded(ADAPTTHINK_CLIP_EPS, ge=0, lt=1)
+    clip_eps_high: float = bounded(ADAPTTHINK_CLIP_EPS, ge=0)
+    nothinking_fraction: float = bounded(ADAPTTHINK_NOTHINKING_FRACTION, gt=0, lt=1,
+                                         hint="both modes must be sampled")
+    # NoThinking responses' cap, the forced token included; Thinking ones get rollout.max_response_length.
+    nothinking_max_response_length: int = bounded(ADAPTTHINK_NOTHINKING_MAX_RESPONSE_LENGTH, ge=2,
+                                                  hint="the forced token and one more")
+    # The forced first tokens (each must be one token of the policy's tokenizer). Where the chat
+    # template does not open the thinking block (the synthetic task), thinking_token is algo.think_open.
+    nothinking_token: str = ADAPTTHINK_NOTHINKING_TOKEN
+    thinking_token: str = ADAPTTHINK_THINKING_TOKEN
+    # R_ref(x): the initial model's accuracy over ref_samples Thinking-mode samples, measured before the
+    # first step and kept in <logging.dir>/adaptthink_reference.json. "problem": per training problem
+    # (data.train_files); "level": per difficulty level over reference_problems_per_level problems of
+    # it (the synthetic task, whose problems are an endless stream).
+    ref_samples: int = bounded(ADAPTTHINK_REF_SAMPLES, ge=1)
+    reference: Literal["problem", "level"] = "problem"
+    reference_problems_per_level: int = bounded(64, ge=1)
+
+
+@dataclass
+class AlgoConfig:
+    """The method and its knobs (docs/method.md, docs/baselines.md); `name` selects it (algo/methods.py)."""
+
+    name: Literal["hbpo", "grpo", "l1_exact", "l1_max", "tlmre", "adaptthink"] = "hbpo"
+    # Token budgets b_1 < ... < b_k; HBPO only (the other methods use none: []).
     budgets: list[int] = bounded(items_gt=0, default_factory=lambda: list(BUDGETS))
     budget_template: str = BUDGET_TEMPLATE
     think_open: str = THINK_OPEN
@@ -193,12 +273,18 @@ class AlgoConfig:
     adv_eps: float = bounded(ADV_EPS, gt=0)
     clip_eps_low: float = bounded(CLIP_EPS_LOW, ge=0, lt=1)
     clip_eps_high: float = bounded(CLIP_EPS_HIGH, ge=0)
-    dual_clip_c: float = bounded(DUAL_CLIP_C, gt=1, hint="it bounds -A*rho from above")
-    kl_coef: float = bounded(0.0, ge=0)
+    # null: no dual clip (the verl / OpenRLHF losses of L1 and TLMRE, docs/baselines.md).
+    dual_clip_c: float | None = bounded(DUAL_CLIP_C, gt=1, hint="it bounds -A*rho from above; null turns it off")
+    # A KL term needs a reference model's log-probs, which the trainer does not compute yet: 0 only.
+    kl_coef: float = bounded(0.0, ge=0, le=0, hint="the trainer keeps no reference model yet")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     # Truncated importance sampling against the rollout engine's log-probs: weight each token by
     # min(pi_train_old / pi_rollout, tis_cap); null = off (the engines agree to ~1e-6 in fp32).
     tis_cap: float | None = bounded(None, gt=0)
+    # The baselines' settings (docs/baselines.md); read only by the method that `name` selects.
+    l1: L1Config = field(default_factory=L1Config)
+    tlmre: TLMREConfig = field(default_factory=TLMREConfig)
+    adaptthink: AdaptThinkConfig = field(default_factory=AdaptThinkConfig)
 
 
 @dataclass
@@ -304,6 +390,11 @@ class EvalConfig:
     temperature: float = bounded(1.0, gt=0)
     top_p: float = bounded(1.0, gt=0, le=1)
     seed: int = 2718
+    # Prompt modes evaluated besides the method's own (e.g. HBPO's budget:N for a baseline, as a control).
+    modes: list[str] = field(default_factory=list)
+    # Budget adherence: a response more than this many tokens over its target is a soft violation
+    # (L1's 500 at L_max 4096; scale it with the task's lengths).
+    adherence_soft_margin: int = bounded(ADHERENCE_SOFT_MARGIN, ge=0)
 
 
 @dataclass
@@ -585,6 +676,40 @@ def _check(ok: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+def _validate_baseline(recipe: Recipe) -> None:
+    """The cross-field rules of the method `algo.name` selects (docs/baselines.md, "Settings")."""
+    a, r, d = recipe.algo, recipe.rollout, recipe.data
+    if a.name in ("l1_exact", "l1_max"):
+        l1 = a.l1
+        _check(l1.stage == ("exact" if a.name == "l1_exact" else "max"), "algo.l1.stage",
+               f"{a.name} trains the {a.name[3:]} stage; set algo.l1.stage={a.name[3:]} (got {l1.stage})")
+        _check(l1.n_min <= l1.n_max, "algo.l1.n_max", f"must be >= algo.l1.n_min={l1.n_min}, got {l1.n_max}")
+        _check(l1.n_max <= r.max_response_length, "algo.l1.n_max",
+               f"{l1.n_max} exceeds rollout.max_response_length={r.max_response_length}; a longer target could "
+               "never be met: lower it or raise the response length")
+        _check(bool(l1.eval_targets), "algo.l1.eval_targets", "needs at least one target, e.g. [512, 1024, 2048]")
+    elif a.name == "tlmre":
+        _check(r.n_rollouts >= 2, "rollout.n_rollouts",
+               f"TLMRE's leave-one-out baseline needs >= 2 rollouts per prompt, got {r.n_rollouts}")
+    elif a.name == "adaptthink":
+        at = a.adaptthink
+        n_nothinking = round(r.n_rollouts * at.nothinking_fraction)
+        _check(0 < n_nothinking < r.n_rollouts, "rollout.n_rollouts",
+               f"{r.n_rollouts} rollouts split by algo.adaptthink.nothinking_fraction={at.nothinking_fraction} "
+               "leave a mode without samples; use an even number >= 2")
+        _check(at.nothinking_max_response_length <= r.max_response_length,
+               "algo.adaptthink.nothinking_max_response_length",
+               f"{at.nothinking_max_response_length} exceeds rollout.max_response_length={r.max_response_length}")
+        _check(bool(at.nothinking_token) and bool(at.thinking_token) and at.nothinking_token != at.thinking_token,
+               "algo.adaptthink.thinking_token", f"the two forced tokens must be non-empty and differ, got "
+               f"nothinking_token={at.nothinking_token!r}, thinking_token={at.thinking_token!r}")
+        _check(d.source == "files" or at.reference == "level", "algo.adaptthink.reference",
+               "the synthetic task's problems are an endless stream with no fixed set to measure per problem; "
+               "set algo.adaptthink.reference=level")
+        _check(a.tis_cap is None, "algo.tis_cap", "AdaptThink's sequence-ratio loss has no truncated importance "
+               "sampling (docs/baselines.md); set algo.tis_cap=null")
+
+
 def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     """Raise ConfigError on the first inconsistency. `world_size`: the launched job's (WORLD_SIZE)."""
     m, p, c, r, a = recipe.model, recipe.parallel, recipe.cluster, recipe.rollout, recipe.algo
@@ -642,9 +767,9 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     _check(m.num_attention_heads % r.tensor_parallel_size == 0, "rollout.tensor_parallel_size",
            f"{r.tensor_parallel_size} does not divide model.num_attention_heads={m.num_attention_heads}")
 
-    if a.name == "grpo":
+    if a.name != "hbpo":
         _check(not a.budgets, "algo.budgets",
-               f"GRPO samples without budget prompts; set algo.budgets=[] (got {a.budgets})")
+               f"{a.name} samples without HBPO's budget subgroups; set algo.budgets=[] (got {a.budgets})")
     else:
         k = len(a.budgets)
         _check(k >= 1, "algo.budgets", "HBPO needs at least one budget, e.g. [512, 1024, 2048, 2560]")
@@ -666,6 +791,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
            "think_open and think_close must be non-empty strings")
     _check(all(math.isfinite(x) for x in (a.beta, a.alpha, a.format_error_reward, a.w_intra)), "algo",
            "beta, alpha, format_error_reward and w_intra must be finite numbers")
+    _validate_baseline(recipe)
 
 
     _check(t.prompts_per_step % t.mini_batch_prompts == 0, "train.mini_batch_prompts",
@@ -700,6 +826,11 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
     if ev.before_after or ev.interval:
         _check(d.source == "synthetic" or bool(d.eval_files), "eval", "evaluation needs data.eval_files "
                "(or the synthetic task)")
+    for i, mode in enumerate(ev.modes):
+        try:
+            parse_mode(mode)
+        except ValueError as e:
+            raise ConfigError(f"eval.modes[{i}]: {e}") from None
     return recipe
 
 

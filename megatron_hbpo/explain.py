@@ -42,8 +42,9 @@ def _layout(recipe: Recipe) -> None:
 
 def _budgets(recipe: Recipe) -> None:
     a, r = recipe.algo, recipe.rollout
-    if a.name == "grpo":
-        print(f"\nGRPO baseline: {r.n_rollouts} rollouts per prompt, no budget prompt, 0/1 reward")
+    if a.name != "hbpo":
+        print(f"\n{a.name.upper()} baseline: {r.n_rollouts} rollouts per prompt, no budget subgroups "
+              "(docs/baselines.md has its reward, advantage and loss)")
         return
     per = assign_budgets(r.n_rollouts, a.budgets)
     print(f"\nbudgets {a.budgets}: {r.n_rollouts // len(a.budgets)} rollouts each; L_max = "
@@ -55,7 +56,7 @@ def _budgets(recipe: Recipe) -> None:
 
 def _reward_table(recipe: Recipe) -> None:
     a, l_max = recipe.algo, recipe.rollout.max_response_length
-    if a.name == "grpo":
+    if a.name != "hbpo":
         return
     lengths = sorted({max(1, round(l_max * f)) for f in (0.05, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)}
                      | {l_max + 1})
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     _layout(recipe)
     _budgets(recipe)
     _reward_table(recipe)
-    _worked_group(recipe)
+    if recipe.algo.name in ("hbpo", "grpo"):  # the baselines' worked values are docs/baselines.md's tables
+        _worked_group(recipe)
     return 0
 
 

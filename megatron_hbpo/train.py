@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+    from megatron_hbpo.algo.methods import Method
     from megatron_hbpo.algo.verify import AnswerVerifier
     from megatron_hbpo.components.evaluator import Evaluator
+    from megatron_hbpo.components.reference import ReferencePass
     from megatron_hbpo.config import DataConfig, ModelConfig, Recipe
+    from megatron_hbpo.data.chat import PromptBuilder
     from megatron_hbpo.data.source import PromptSource
     from megatron_hbpo.megatron.train_step import MegatronPolicy
     from megatron_hbpo.rollout.engine import RolloutEngine
@@ -225,6 +228,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                                            engine=engine, verifier=verifier, source=source, log=_log_rank0)
         before_path, after_path = run_dir / "eval_before.json", run_dir / "eval_after.json"
         resumed = trainer.resume()
+        trainer.prepare()  # the method's measurement of the base (AdaptThink's R_ref), before any refit
         if evaluator is not None and e.before_after and (not resumed or not before_path.exists()):
             # The engine still holds the base weights: a resumed policy reaches it with the refit below.
             before = evaluator.evaluate("before training")
@@ -282,7 +286,7 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
     evaluator = None
     if e.before_after or e.interval:
         evaluator = Evaluator(e, problems=eval_set(recipe.data, e.problems_per_level, e.seed),
-                              modes=method.eval_modes(),
+                              modes=list(dict.fromkeys([*method.eval_modes(), *e.modes])),
                               benchmark="synthetic" if recipe.data.source == "synthetic" else "eval",
                               max_tokens=r.max_response_length, prompts=prompts, engine=engine, verifier=verifier,
                               think_close=a.think_close, run_dir=run_dir, layout=recipe.rollout_layout, log=log)
@@ -295,10 +299,28 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
         refitter=Refitter(policy.model[0], hf_config, engine, bucket_bytes=r.refit_bucket_mb << 20),
         guard=RefitGuard(r.refit_check, m.params_dtype),
         checkpoints=CheckpointManager(recipe.checkpoint, policy, total_steps=t.total_steps, log=log),
-        evaluator=evaluator, temperature=r.temperature, log=log,
+        evaluator=evaluator, temperature=r.temperature, log=log, reference=_reference_pass(
+            recipe, method, source, prompts, engine=engine, verifier=verifier, log=log),
         make_logger=lambda start: MetricsLogger(recipe.logging, run_dir, name=recipe.name, start_step=start,
                                                 total_steps=t.total_steps, enabled=dist.get_rank() == 0))
     return trainer, evaluator
+
+
+def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompts: PromptBuilder, *,
+                    engine: RolloutEngine | None, verifier: AnswerVerifier | None,
+                    log: Callable[[str], None]) -> ReferencePass | None:
+    """The method's base-model measurement as a component (AdaptThink's R_ref), None if it needs none."""
+    from megatron_hbpo.components.reference import ReferencePass, reference_problems
+    from megatron_hbpo.rollout.engine import SamplingSettings
+
+    spec = method.reference()
+    if spec is None:
+        return None
+    r, a = recipe.rollout, recipe.algo
+    return ReferencePass(spec, reference_problems(spec, recipe.data, source.rows, recipe.train.seed),
+                         SamplingSettings(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length),
+                         prompts, engine, verifier, think_open=a.think_open, think_close=a.think_close,
+                         run_dir=Path(recipe.logging.dir), seed=recipe.train.seed, log=log)
 
 
 def _baselines(run_dirs: list[str]) -> dict[str, dict]:

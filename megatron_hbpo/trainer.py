@@ -26,6 +26,7 @@ from megatron_hbpo.components.checkpointer import CheckpointManager
 from megatron_hbpo.components.evaluator import Evaluator
 from megatron_hbpo.components.metrics import MetricsLogger, step_summary
 from megatron_hbpo.components.preemption import PreemptionFlag
+from megatron_hbpo.components.reference import ReferencePass
 from megatron_hbpo.components.refit import RefitGuard, Refitter, mismatch_stats
 from megatron_hbpo.components.rollouts import RolloutRecord, RolloutWorker, policy_sequences, scored_rollouts
 from megatron_hbpo.components.timer import Timer
@@ -65,6 +66,7 @@ class Trainer:
     make_logger: Callable[[int], MetricsLogger]
     temperature: float  # the rollout temperature: logp_old is taken at it
     log: Callable[[str], None] = print
+    reference: ReferencePass | None = None  # the method's base-model measurement (Method.reference)
 
     def __post_init__(self) -> None:
         from megatron.core import parallel_state
@@ -75,8 +77,17 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.start_step = 1
         self.preempted = False
+        self.prepared = False
 
     # -- the loop ----------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Collective. What the method measures on the base model before its first step (AdaptThink's
+        R_ref; nothing for the others): call while the engine still holds the base weights, i.e. before
+        the refit that follows a resume."""
+        if self.reference is not None:
+            self.method.use_reference(self.reference.table())
+            self.prepared = True
 
     def resume(self) -> bool:
         """Load the checkpoint the recipe names, if any, into the policy; whether one was loaded. The caller
@@ -91,6 +102,9 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train to the last step; returns the metrics of the steps run. Stops early (after a checkpoint)
         on SIGTERM and sets `self.preempted`."""
+        if self.reference is not None and not self.prepared:
+            raise RuntimeError(f"{self.method.name} measures the base model before training: call Trainer.prepare() "
+                               "before Trainer.run()")
         logger = self.make_logger(self.start_step)
         history = []
         try:
@@ -126,7 +140,10 @@ class Trainer:
                 logp_old = self.policy.logprobs(sequences, temperature=self.temperature)
                 for seq, logp in zip(sequences, logp_old):
                     seq.logp_old = logp
-            mismatch = mismatch_stats([records[i].logprobs for i in chosen], logp_old,
+            # Rollout vs trainer log-probs over the tokens the engine sampled (a forced first token's
+            # rollout log-prob is the sampling scheme's, not the engine's).
+            mismatch = mismatch_stats([records[i].sampled_logprobs for i in chosen],
+                                      [logp[records[i].forced:] for i, logp in zip(chosen, logp_old)],
                                       threshold=self.schedule.mismatch_threshold, dp_group=self.dp_group)
             self.guard.observe(step, mismatch["mean_abs"], self.refitter.count)
             with timer("train"):

@@ -153,3 +153,71 @@ def test_cli_prints_resolved_recipe_or_one_line_error():
 def test_broken_cluster_recipe_names_the_field(override, field_name):
     with pytest.raises(ConfigError, match=rf"{field_name}:"):
         load_recipe(REPO / "recipes" / "r1_distill_llama_70b.yaml", [override])
+
+
+# -- the baselines' sections (docs/baselines.md, "Settings") ----------------------------------------------------
+
+RECIPES = REPO / "recipes"
+BASELINE_BAD = [
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.alpha=-1e-4"], "algo.l1.alpha", ">= 0"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.alpha_max=0"], "algo.l1.alpha_max", "slope"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.delta=1.5"], "algo.l1.delta", "in [0, 1]"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.n_min=0"], "algo.l1.n_min", ">= 1"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.n_min=50", "algo.l1.n_max=40"], "algo.l1.n_max", "algo.l1.n_min=50"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.n_max=200"], "algo.l1.n_max", "rollout.max_response_length=96"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.stage=both"], "algo.l1.stage", "'exact' | 'max'"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.l1.stage=max"], "algo.l1.stage", "set algo.l1.stage=exact"),
+    ("tiny_cpu_l1_max.yaml", ["algo.l1.max_fraction=1.2"], "algo.l1.max_fraction", "in [0, 1]"),
+    ("tiny_cpu_l1_exact.yaml", ["algo.budgets=[16]"], "algo.budgets", "set algo.budgets=[]"),
+    ("tiny_cpu_tlmre.yaml", ["algo.tlmre.alpha=1.0"], "algo.tlmre.alpha", "in [0, 1)"),
+    ("tiny_cpu_tlmre.yaml", ["algo.tlmre.std_eps=0"], "algo.tlmre.std_eps", "> 0"),
+    ("tiny_cpu_tlmre.yaml", ["algo.tlmre.batch_whiten=maybe"], "algo.tlmre.batch_whiten", "true/false"),
+    ("tiny_cpu_tlmre.yaml", ["rollout.n_rollouts=1"], "rollout.n_rollouts", "leave-one-out"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.delta=-0.01"], "algo.adaptthink.delta", ">= 0"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.clip_eps_low=1.0"], "algo.adaptthink.clip_eps_low", "in [0, 1)"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.nothinking_fraction=1.0"], "algo.adaptthink.nothinking_fraction",
+     "both modes"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.ref_samples=0"], "algo.adaptthink.ref_samples", ">= 1"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.nothinking_max_response_length=1"],
+     "algo.adaptthink.nothinking_max_response_length", "the forced token and one more"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.nothinking_max_response_length=200"],
+     "algo.adaptthink.nothinking_max_response_length", "rollout.max_response_length=96"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.thinking_token=</think>"], "algo.adaptthink.thinking_token",
+     "differ"),
+    ("tiny_cpu_adaptthink.yaml", ["rollout.n_rollouts=1"], "rollout.n_rollouts", "without samples"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.adaptthink.reference=problem"], "algo.adaptthink.reference",
+     "set algo.adaptthink.reference=level"),
+    ("tiny_cpu_adaptthink.yaml", ["algo.tis_cap=2"], "algo.tis_cap", "algo.tis_cap=null"),
+    ("tiny_cpu.yaml", ["algo.kl_coef=0.001"], "algo.kl_coef", "no reference model"),
+    ("tiny_cpu.yaml", ["eval.modes=[budget:0]"], "eval.modes[0]", "N > 0"),
+]
+
+
+@pytest.mark.parametrize("recipe, overrides, field_name, fix", BASELINE_BAD,
+                         ids=[f"{b[0]} {' '.join(b[1])}" for b in BASELINE_BAD])
+def test_baseline_settings_give_one_line_errors_naming_the_field(recipe, overrides, field_name, fix):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(RECIPES / recipe, overrides)
+    message = str(info.value)
+    assert "\n" not in message and f"{field_name}:" in message and fix in message, message
+
+
+def test_baseline_defaults_are_the_authors_and_the_tiny_recipes_scale_lengths():
+    from megatron_hbpo.algo import constants as c
+
+    l1 = load_recipe(RECIPES / "l1_exact_deepscaler_1p5b.yaml")
+    assert (l1.algo.l1.alpha, l1.algo.l1.alpha_max, l1.algo.l1.delta) == (c.L1_ALPHA, c.L1_ALPHA_MAX, c.L1_DELTA)
+    assert (l1.algo.l1.n_min, l1.algo.l1.n_max, l1.algo.dual_clip_c) == (100, 4000, None)
+    assert load_recipe(RECIPES / "l1_max_deepscaler_1p5b.yaml").algo.l1.stage == "max"
+    at = load_recipe(RECIPES / "adaptthink_r1_distill_qwen_1p5b.yaml").algo.adaptthink
+    assert (at.delta, at.ref_samples, at.thinking_token, at.nothinking_max_response_length) == (0.05, 16, "Alright",
+                                                                                               4096)
+    assert load_recipe(RECIPES / "tlmre_r1_distill_qwen_1p5b.yaml").algo.tlmre.batch_whiten is True
+    tiny = load_recipe(RECIPES / "tiny_cpu_l1_exact.yaml").algo.l1
+    assert tiny.alpha == pytest.approx(c.L1_ALPHA * 4096 / 96, rel=1e-3)
+    assert tiny.alpha_max == pytest.approx(c.L1_ALPHA_MAX * 4096 / 96, rel=1e-6)
+    assert (tiny.n_min, tiny.n_max) == (round(c.L1_N_MIN * 96 / 4096), round(c.L1_N_MAX * 96 / 4096))
+    # Every tiny baseline starts from the embedded default's warm-up base.
+    base = load_recipe(TINY).warmup
+    for name in ("grpo", "tlmre", "l1_exact", "l1_max", "adaptthink"):
+        assert load_recipe(RECIPES / f"tiny_cpu_{name}.yaml").warmup == base

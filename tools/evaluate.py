@@ -1,8 +1,9 @@
-"""Evaluate a model on math benchmarks: accuracy and token usage, natural or efficiency-prompted.
+"""Evaluate a model on math benchmarks: accuracy and token usage, natural or efficiency-prompted, and
+budget adherence under length prompts.
 
     python tools/evaluate.py --model HF_DIR_OR_MEGATRON_CKPT --benchmarks gsm8k,math500,aime25 \\
-        [--data aime25=aime25.jsonl] [--setting natural|efficiency|budget:N[,...]] [--n 1] \\
-        [--max-tokens 32768] [--temperature 0.6] [--top-p 0.95] [--limit N] [--out DIR]
+        [--data aime25=aime25.jsonl] [--setting natural|efficiency|budget:N|length:N|max_length:N[,...]] \\
+        [--n 1] [--max-tokens 32768] [--temperature 0.6] [--top-p 0.95] [--limit N] [--soft-margin 500] [--out DIR]
     python tools/evaluate.py --compare A/results.json B/results.json
     python tools/evaluate.py --model HF_DIR --benchmarks gsm8k --limit 16 --bench   # harness overhead
 
@@ -18,10 +19,18 @@ files (never imported); any other name (aime24, aime25, amc, olympiadbench, ...)
 (str, the ground truth), optional `level` (difficulty, for the per-level breakdown). `--data` also
 replaces the built-in files of gsm8k or math500.
 
-Writes into --out: results.json (model, settings, per-benchmark and per-level metrics, versions),
-results.md (the paper-shaped table: accuracy % / mean tokens per benchmark and the average, then
-per level and details), tokens_per_level.png (benchmarks with levels) and samples.jsonl (every
-response with its verdict and token counts). Errors print one line naming the flag or file, exit 2.
+Settings (prompt modes, megatron_hbpo/data/chat.py): natural; efficiency (HBPO's "minimal tokens"
+sentence); budget:N (HBPO's budget sentence after `<think>`); length:N and max_length:N (L1's
+" Think for N tokens." / " Think for maximum N tokens." at the end of the user turn). Under the last
+three, results.json and results.md also report budget adherence against N (docs/baselines.md, "Budget
+adherence": within-budget and soft-violation rates, overshoot, signed and absolute deviation,
+relative RMSE, per benchmark and level, and their average over the targets of each family).
+
+Writes into --out: results.json (model, settings, per-benchmark and per-level metrics, adherence,
+versions), results.md (the paper-shaped table: accuracy % / mean tokens per benchmark and the
+average, then per level, adherence and details), tokens_per_level.png (benchmarks with levels) and
+samples.jsonl (every response with its verdict and token counts). Errors print one line naming the
+flag or file, exit 2.
 """
 
 from __future__ import annotations
@@ -40,7 +49,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_hbpo import atomic, runtime
-from megatron_hbpo.algo.constants import BUDGET_TEMPLATE, PROMPT_TEMPLATE, THINK_CLOSE, THINK_OPEN
+from megatron_hbpo.algo.constants import (
+    ADHERENCE_SOFT_MARGIN,
+    BUDGET_TEMPLATE,
+    PROMPT_TEMPLATE,
+    THINK_CLOSE,
+    THINK_OPEN,
+)
 from megatron_hbpo.data.chat import PromptBuilder, PromptFormat, parse_mode
 from megatron_hbpo.evaluation.benchmarks import Benchmark, BenchmarkError, load_benchmark
 from megatron_hbpo.evaluation.metrics import collect_results, is_results_document, results_document
@@ -281,6 +296,7 @@ def evaluate(args) -> int:
     if "{problem}" not in args.prompt_template:
         raise UsageError("--prompt-template must contain {problem}")
     for flag, value, low in (("--n", args.n, 1), ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 1),
+                             ("--soft-margin", args.soft_margin, 0),
                              ("--bench-repeats", args.bench_repeats, 1), ("--verify-workers", args.verify_workers, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
@@ -333,14 +349,15 @@ def evaluate(args) -> int:
             verifier_stats = dict(verifier.stats)
         start = time.perf_counter()
         result = results_document(
-            records, label=args.label or model.resolve().name, model=str(model.resolve()), model_source=model_info,
+            records, label=args.label or model.resolve().name, soft_margin=args.soft_margin,
+            model=str(model.resolve()), model_source=model_info,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             settings={"settings": modes, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
                       "max_tokens": args.max_tokens, "max_model_len": max_model_len, "seed": args.seed,
                       "dtype": args.dtype, "prompt_template": args.prompt_template,
                       "system_prompt": args.system_prompt, "budget_template": args.budget_template,
                       "think_open": args.think_open, "think_close": args.think_close, "limit": args.limit,
-                      "keywords": list(args.keywords),
+                      "keywords": list(args.keywords), "adherence_soft_margin": args.soft_margin,
                       "scoring": "math-verify on the last \\boxed{} after </think>; truncated = incorrect"},
             benchmarks={b.name: {"source": b.source, "problems": len(b.rows)} for b in benchmarks},
             verifier=verifier_stats, timing={"engine_start_s": engine_s, **times}, versions=versions())
@@ -364,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                         help="data file of a benchmark (jsonl/json/parquet: problem, answer, optional level)")
     parser.add_argument("--setting", default="natural",
-                        help="natural | efficiency | budget:N, or several comma-separated (default natural)")
+                        help="natural | efficiency | budget:N | length:N | max_length:N, or several comma-separated "
+                             "(default natural)")
     parser.add_argument("--n", type=int, default=1, help="samples per problem; accuracy is pass@1 averaged over them")
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -379,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--think-close", default=THINK_CLOSE)
     parser.add_argument("--keywords", default=",".join(REFLECTION_KEYWORDS),
                         help="comma-separated reflection keywords counted as whole words")
+    parser.add_argument("--soft-margin", type=int, default=ADHERENCE_SOFT_MARGIN,
+                        help="budget adherence: tokens over the target that make a soft violation (default 500)")
     parser.add_argument("--out", help="output directory (default runs/eval/<model>-<time>)")
     parser.add_argument("--label", help="the model's name in tables (default: the model directory's name)")
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float32, ...)")

@@ -18,22 +18,21 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from megatron_hbpo.algo.constants import ADAPTTHINK_CLIP_EPS as DEFAULT_CLIP_EPS
+from megatron_hbpo.algo.constants import ADAPTTHINK_DELTA as DEFAULT_DELTA
+from megatron_hbpo.algo.constants import ADAPTTHINK_NOTHINKING_FRACTION as DEFAULT_NOTHINKING_FRACTION
+from megatron_hbpo.algo.constants import ADAPTTHINK_NOTHINKING_TOKEN as NOTHINKING_TOKEN
+from megatron_hbpo.algo.constants import ADAPTTHINK_THINKING_TOKEN as THINKING_TOKEN
 from megatron_hbpo.algo.constants import THINK_OPEN
-from megatron_hbpo.algo.loss import MAX_LOG_RATIO, clipped_policy_loss
+from megatron_hbpo.algo.loss import MAX_LOG_RATIO, LossBatch, LossOutput, clipped_policy_loss
 from megatron_hbpo.algo.reward import float_dtype, per_sample_tensors
 
-# Authors' settings (docs/baselines.md, "AdaptThink").
-DEFAULT_DELTA = 0.05
-DEFAULT_CLIP_EPS = 0.2
-DEFAULT_NOTHINKING_FRACTION = 0.5
-DEFAULT_REF_SAMPLES = 16
-DEFAULT_NOTHINKING_MAX_RESPONSE_LENGTH = 4096
-THINKING_MAX_RESPONSE_LENGTH = 16384  # the authors' Thinking cap (rollout.max_response_length)
-NOTHINKING_TOKEN = "</think>"
-THINKING_TOKEN = "Alright"
+# The authors' settings (docs/baselines.md, "AdaptThink") are defined once, in algo/constants.py; the
+# recipe's checks of them are config.AdaptThinkConfig's.
 # The two forced tokens' ids in the DeepSeek-R1-Distill-Qwen tokenizer, for checking a tokenizer's
 # single-token encoding of the strings above.
 R1_DISTILL_QWEN_TOKEN_IDS = {NOTHINKING_TOKEN: 151649, THINKING_TOKEN: 71486}
@@ -93,15 +92,25 @@ def forced_rollout(
     return tokens, len(prompt_ids), logprobs
 
 
-def think_tag_counts(response_text: str, *, think_open: str = THINK_OPEN, think_close: str = NOTHINKING_TOKEN
-                     ) -> tuple[int, int]:
-    """(occurrences of `<think>`, occurrences of `</think>`) in a response decoded with its forced token."""
-    return response_text.count(think_open), response_text.count(think_close)
+def think_tag_counts(response_text: str, *, think_open: str = THINK_OPEN, think_close: str = NOTHINKING_TOKEN,
+                     forced_text: str = "") -> tuple[int, int]:
+    """(occurrences of `<think>`, occurrences of `</think>`) in a response decoded with its forced token.
+
+    forced_text: the forced first token's text. A `<think>` in it is not counted: forcing `<think>`
+    opens the thinking block where the chat template does not (a model that opens the block itself,
+    like the synthetic task's), the same block an R1 template opens in the prompt. A forced `</think>`
+    counts: it is the one closing tag a NoThinking response may have.
+    """
+    return response_text.count(think_open) - forced_text.count(think_open), response_text.count(think_close)
 
 
-def is_nothinking(response_text: str, *, think_close: str = NOTHINKING_TOKEN) -> bool:
-    """Evaluation: the model chose NoThinking, i.e. its response opens with `</think>`."""
-    return response_text.lstrip().startswith(think_close)
+def is_nothinking(response_text: str, *, think_close: str = NOTHINKING_TOKEN, think_open: str = THINK_OPEN) -> bool:
+    """Evaluation: the model chose NoThinking, i.e. its response opens with `</think>`, or with an empty
+    `<think></think>` block where the model opens the block itself (the synthetic task's)."""
+    text = response_text.lstrip()
+    if text.startswith(think_open):
+        text = text[len(think_open):].lstrip()
+    return text.startswith(think_close)
 
 
 # -- reward, advantage and R_ref --------------------------------------------------------------------
@@ -169,7 +178,20 @@ def reference_accuracy(
     return {key: sums[key] / counts[key] for key in sums}
 
 
-def lookup_reference_accuracy(table: Mapping[Hashable, float], problem_keys: Sequence[Hashable]) -> torch.Tensor:
+def reference_key(problem: str, level: str | None, keyed_by: str) -> str:
+    """The R_ref table's key of a problem: its text ("problem"), or its difficulty level ("level",
+    where the problems are an endless stream: the synthetic task, docs/baselines.md)."""
+    if keyed_by == "problem":
+        return problem
+    if keyed_by == "level":
+        if level is None:
+            raise ValueError("R_ref per level needs every problem's level; this problem has none: "
+                             f"{problem[:80]!r}")
+        return f"level:{level}"
+    raise ValueError(f"R_ref is keyed by 'problem' or 'level', got {keyed_by!r}")
+
+
+def lookup_reference_accuracy(table: Mapping[Any, float], problem_keys: Sequence[Hashable]) -> torch.Tensor:
     """[N] float64 R_ref of each sample's problem; ValueError naming problems the table lacks."""
     missing = list(dict.fromkeys(k for k in problem_keys if k not in table))
     if missing:
@@ -223,20 +245,42 @@ def adaptthink_policy_loss(
     Returns sums over this shard: mean over the global batch = all-reduced loss_sum / num_sequences,
     so data-parallel and micro-batch splits give the same gradient.
     """
+    batch = logp_new.shape[:1]
+    if forced_nothinking.shape != batch:
+        raise ValueError(f"forced_nothinking {tuple(forced_nothinking.shape)} must have one entry per sequence "
+                         f"{tuple(batch)}")
+    forced_logp = torch.where(forced_nothinking.bool().to(logp_new.device),
+                              logp_new.new_tensor(mode_logprob(True, nothinking_fraction)),
+                              logp_new.new_tensor(mode_logprob(False, nothinking_fraction)))
+    return sequence_ratio_loss(logp_new, logp_old, advantages, response_mask, forced_logp,
+                               clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+
+
+def sequence_ratio_loss(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    first_logp_old: torch.Tensor,
+    *,
+    clip_eps_low: float = DEFAULT_CLIP_EPS,
+    clip_eps_high: float = DEFAULT_CLIP_EPS,
+) -> SequenceLossOutput:
+    """`adaptthink_policy_loss` with the first response token's old log-prob given per sequence:
+    first_logp_old [B] is the probability with which the sampling scheme chose that token (the
+    trainer takes it from the rollout log-probs, where the worker put log P(forced mode))."""
     if logp_new.shape != logp_old.shape or logp_new.shape != response_mask.shape or logp_new.dim() != 2:
         raise ValueError(f"logp_new {tuple(logp_new.shape)}, logp_old {tuple(logp_old.shape)} and response_mask "
                          f"{tuple(response_mask.shape)} must have one [B, T] shape")
     batch = logp_new.shape[:1]
-    if advantages.shape != batch or forced_nothinking.shape != batch:
-        raise ValueError(f"advantages {tuple(advantages.shape)} and forced_nothinking {tuple(forced_nothinking.shape)} "
-                         f"must have one entry per sequence {tuple(batch)}")
+    if advantages.shape != batch or first_logp_old.shape != batch:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and the first tokens' old log-probs "
+                         f"{tuple(first_logp_old.shape)} must have one entry per sequence {tuple(batch)}")
     mask = response_mask.bool()
     zero = torch.zeros_like(logp_new)
     first = mask & (mask.cumsum(-1) == 1)
-    forced_logp = torch.where(forced_nothinking.bool().to(logp_new.device),
-                              logp_new.new_tensor(mode_logprob(True, nothinking_fraction)),
-                              logp_new.new_tensor(mode_logprob(False, nothinking_fraction)))
-    old = torch.where(first, forced_logp.unsqueeze(-1).expand_as(logp_new), logp_old.detach())
+    forced = first_logp_old.detach().to(logp_new.dtype).unsqueeze(-1).expand_as(logp_new)
+    old = torch.where(first, forced, logp_old.detach())
 
     num_tokens = mask.sum(-1)
     has_tokens = num_tokens > 0
@@ -256,45 +300,29 @@ def adaptthink_policy_loss(
     )
 
 
-def check_adaptthink_config(
-    *,
-    delta: float = DEFAULT_DELTA,
-    clip_eps_low: float = DEFAULT_CLIP_EPS,
-    clip_eps_high: float = DEFAULT_CLIP_EPS,
-    nothinking_fraction: float = DEFAULT_NOTHINKING_FRACTION,
-    ref_samples: int = DEFAULT_REF_SAMPLES,
-    nothinking_max_response_length: int = DEFAULT_NOTHINKING_MAX_RESPONSE_LENGTH,
-    nothinking_token: str = NOTHINKING_TOKEN,
-    thinking_token: str = THINKING_TOKEN,
-    n_rollouts: int | None = None,
-    max_response_length: int | None = None,
-) -> None:
-    """Raise ValueError naming the `algo.adaptthink.*` field on the first bad setting.
+@dataclass(frozen=True)
+class AdaptThinkLoss:
+    """AdaptThink's objective as the policy's training step takes it (algo.loss.PolicyLoss):
+    `sequence_ratio_loss`, mean over the mini-batch's sequences (normaliser: the sequence count, which
+    Megatron all-reduces over micro-batches and data-parallel ranks). The forced first token's old
+    log-prob is its rollout log-prob, log P(forced mode): the worker records it there, and nothing
+    else about the sample says which token was forced. No KL, entropy or truncated importance term.
 
-    n_rollouts / max_response_length: rollouts per prompt and the (Thinking) response cap, when known.
+    metrics: "clip_fraction" (clipped sequences) and "ratio" (the sequence ratio rho), both per sequence.
     """
-    if not delta >= 0:
-        raise ValueError(f"algo.adaptthink.delta: must be >= 0, got {delta}")
-    if not 0 <= clip_eps_low < 1:
-        raise ValueError(f"algo.adaptthink.clip_eps_low: must be in [0, 1), got {clip_eps_low}")
-    if not clip_eps_high >= 0:
-        raise ValueError(f"algo.adaptthink.clip_eps_high: must be >= 0, got {clip_eps_high}")
-    if not 0 < nothinking_fraction < 1:
-        raise ValueError(f"algo.adaptthink.nothinking_fraction: must be in (0, 1) so that both modes are "
-                         f"sampled, got {nothinking_fraction}")
-    if isinstance(ref_samples, bool) or not isinstance(ref_samples, int) or ref_samples < 1:
-        raise ValueError(f"algo.adaptthink.ref_samples: must be an int >= 1, got {ref_samples!r}")
-    if nothinking_max_response_length < 2:
-        raise ValueError(f"algo.adaptthink.nothinking_max_response_length: must be >= 2 (the forced token and "
-                         f"one more), got {nothinking_max_response_length}")
-    if max_response_length is not None and nothinking_max_response_length > max_response_length:
-        raise ValueError(f"algo.adaptthink.nothinking_max_response_length: {nothinking_max_response_length} exceeds "
-                         f"rollout.max_response_length={max_response_length}")
-    if not nothinking_token or not thinking_token or nothinking_token == thinking_token:
-        raise ValueError(f"algo.adaptthink.thinking_token: the two forced tokens must be non-empty and differ, got "
-                         f"nothinking_token={nothinking_token!r}, thinking_token={thinking_token!r}")
-    if n_rollouts is not None:
-        n_nothinking = round(n_rollouts * nothinking_fraction)
-        if not 0 < n_nothinking < n_rollouts:
-            raise ValueError(f"rollout.n_rollouts: {n_rollouts} rollouts split by algo.adaptthink.nothinking_fraction="
-                             f"{nothinking_fraction} leave a mode without samples")
+
+    temperature: float
+    clip_eps_low: float = DEFAULT_CLIP_EPS
+    clip_eps_high: float = DEFAULT_CLIP_EPS
+    needs_logp_old: bool = True
+    metric_names: tuple[str, ...] = ("clip_fraction", "ratio")
+
+    def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput:
+        assert batch.logp_old is not None and batch.logp_rollout is not None  # every RL sequence carries both
+        mask = batch.response_mask.bool()
+        first = mask & (mask.cumsum(-1) == 1)
+        first_logp_old = torch.where(first, batch.logp_rollout, torch.zeros_like(batch.logp_rollout)).sum(-1)
+        out = sequence_ratio_loss(logp, batch.logp_old, batch.advantages, batch.response_mask, first_logp_old,
+                                  clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high)
+        return LossOutput(loss_sum=out.loss_sum, normalizer=out.num_sequences,
+                          metrics={"clip_fraction": out.clipped_sequences, "ratio": out.ratio_sum})

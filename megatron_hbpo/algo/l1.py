@@ -18,17 +18,17 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_hbpo.algo.constants import L1_ALPHA as DEFAULT_ALPHA
+from megatron_hbpo.algo.constants import L1_ALPHA_MAX as DEFAULT_ALPHA_MAX
+from megatron_hbpo.algo.constants import L1_DELTA as DEFAULT_DELTA
+from megatron_hbpo.algo.constants import L1_MAX_FRACTION as DEFAULT_MAX_FRACTION
+from megatron_hbpo.algo.constants import L1_N_MAX as DEFAULT_N_MAX
+from megatron_hbpo.algo.constants import L1_N_MIN as DEFAULT_N_MIN
+from megatron_hbpo.algo.constants import L1_STAGE as DEFAULT_STAGE
 from megatron_hbpo.algo.reward import float_dtype, per_sample_tensors
 
-# Authors' settings (docs/baselines.md, "L1": settings table and source notes).
-DEFAULT_ALPHA = 0.0003
-DEFAULT_ALPHA_MAX = 0.001
-DEFAULT_DELTA = 0.5
-DEFAULT_N_MIN = 100
-DEFAULT_N_MAX = 4000
-DEFAULT_STAGE = "exact"
-DEFAULT_MAX_FRACTION = 0.5
-EVAL_TARGETS = (512, 1024, 2048, 3600)
+# The authors' settings (docs/baselines.md, "L1") are defined once, in algo/constants.py; the
+# recipe's checks of them are config.L1Config's.
 
 EXACT_SENTENCE = " Think for {target} tokens."
 MAX_SENTENCE = " Think for maximum {target} tokens."
@@ -157,37 +157,3 @@ def l1_reward(
     maximum = solved * (alpha_max * (target_f - length_f) + delta).clamp(0.0, 1.0)
     return torch.where(codes == MODE_CODES[MODE_EXACT], exact,
                        torch.where(codes == MODE_CODES[MODE_MAX], maximum, solved))
-
-
-def check_l1_config(
-    *,
-    alpha: float = DEFAULT_ALPHA,
-    alpha_max: float = DEFAULT_ALPHA_MAX,
-    delta: float = DEFAULT_DELTA,
-    n_min: int = DEFAULT_N_MIN,
-    n_max: int = DEFAULT_N_MAX,
-    stage: str = DEFAULT_STAGE,
-    max_fraction: float = DEFAULT_MAX_FRACTION,
-    max_response_length: int | None = None,
-) -> None:
-    """Raise ValueError naming the `algo.l1.*` field on the first bad setting.
-
-    max_response_length: the rollout cap, when known; a target above it could never be met.
-    """
-    if not alpha >= 0:
-        raise ValueError(f"algo.l1.alpha: must be >= 0, got {alpha}")
-    if not alpha_max > 0:
-        raise ValueError(f"algo.l1.alpha_max: must be > 0 (the max-mode slope per token), got {alpha_max}")
-    if not 0 <= delta <= 1:
-        raise ValueError(f"algo.l1.delta: must be in [0, 1] (the max-mode reward at L = N), got {delta}")
-    if isinstance(n_min, bool) or not isinstance(n_min, int) or n_min < 1:
-        raise ValueError(f"algo.l1.n_min: must be an int >= 1, got {n_min!r}")
-    if isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < n_min:
-        raise ValueError(f"algo.l1.n_max: must be an int >= algo.l1.n_min={n_min}, got {n_max!r}")
-    if max_response_length is not None and n_max > max_response_length:
-        raise ValueError(f"algo.l1.n_max: {n_max} exceeds the response cap rollout.max_response_length="
-                         f"{max_response_length}; a longer target could never be met")
-    if stage not in STAGES:
-        raise ValueError(f"algo.l1.stage: must be one of {list(STAGES)}, got {stage!r}")
-    if not 0 <= max_fraction <= 1:
-        raise ValueError(f"algo.l1.max_fraction: must be in [0, 1], got {max_fraction}")

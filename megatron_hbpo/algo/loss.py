@@ -146,8 +146,9 @@ class LossOutput:
 
     The mini-batch's loss is sum(loss_sum) / sum(normalizer) over all micro-batches and data-parallel
     ranks: Megatron all-reduces the normalizer and divides the gradients by it, so any split of the
-    mini-batch gives the same gradient. `metrics` are sums over the trained tokens, divided by their
-    total count by the caller (e.g. "clip_fraction": the number of clipped tokens).
+    mini-batch gives the same gradient. `metrics` are sums of what the normalizer counts, divided by
+    its total by the caller (e.g. "clip_fraction": the number of clipped tokens for a token-mean loss,
+    of clipped sequences for a sequence-mean one).
     """
 
     loss_sum: torch.Tensor

@@ -1,33 +1,58 @@
-"""The training methods, each in one place: how a prompt's rollouts split over prompt modes, how the
-scored rollouts become rewards and advantages, and which loss the policy is handed.
+"""The training methods, each in one place: how a prompt's rollouts are requested, how the scored
+rollouts become rewards and advantages, and which loss the policy is handed.
 
 `method_for(algo, l_max, temperature)` is the only place that looks at `algo.name`; the trainer,
-`explain` and the evaluation ask the method, never the name.
+`explain` and the evaluation ask the method, never the name. HBPO and GRPO are docs/method.md's;
+L1-Exact / L1-Max, TLMRE and AdaptThink are docs/baselines.md's, built from their pure functions in
+algo/l1.py, algo/tlmre.py and algo/adaptthink.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from megatron_hbpo.algo.adaptthink import (
+    AdaptThinkLoss,
+    adaptthink_reward,
+    assign_modes,
+    forced_generation_request,
+    lookup_reference_accuracy,
+    mode_logprob,
+    reference_key,
+    think_tag_counts,
+)
 from megatron_hbpo.algo.advantage import group_normalized_advantage, hierarchical_advantage
 from megatron_hbpo.algo.budgets import assign_budgets
+from megatron_hbpo.algo.l1 import l1_reward, problem_target
 from megatron_hbpo.algo.loss import ClippedLoss, PolicyLoss
 from megatron_hbpo.algo.reward import binary_reward, hbpo_reward
-from megatron_hbpo.data.chat import NATURAL, budget_mode
+from megatron_hbpo.algo.tlmre import rloo_advantage, tlmre_reward, whiten_advantages, whitening_moments
+from megatron_hbpo.data.chat import NATURAL, budget_mode, length_mode, mode_length_instruction
+from megatron_hbpo.rollout.engine import Request, SamplingSettings
+from megatron_hbpo.rollout.requests import build_requests
 
 if TYPE_CHECKING:
     from megatron_hbpo.config import AlgoConfig
+    from megatron_hbpo.data.chat import PromptBuilder
+    from megatron_hbpo.data.prompts import PromptRow
 
 
 @dataclass
 class ScoredRollouts:
-    """One step's verified rollouts as tensors, one entry per sample.
+    """One step's verified rollouts (all of them: every rank holds the whole step), one entry per sample.
 
-    lengths: [N] response tokens (eos excluded); correct, format_ok: [N] bool; group_ids: [N] int,
-    the prompt of each sample; budgets: [N] float, the stated budget (NaN without one).
+    lengths: [N] response tokens L (eos excluded, a forced first token included); correct, format_ok:
+    [N] bool; group_ids: [N] int, the prompt of each sample; budgets: [N] float, the stated budget
+    (NaN without one). The rest is what some baselines read: modes (the prompt mode of each request,
+    data/chat.py; empty = all natural), texts (the decoded responses, forced token included, as the
+    verifier read them), forced_texts (the forced first token's text, "" when none), problems and
+    levels (of each sample's prompt) and response_tokens ([N] trained tokens, eos included).
     """
 
     lengths: torch.Tensor
@@ -35,13 +60,35 @@ class ScoredRollouts:
     format_ok: torch.Tensor
     group_ids: torch.Tensor
     budgets: torch.Tensor
+    modes: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    forced_texts: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    levels: list[str | None] = field(default_factory=list)
+    response_tokens: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """A measurement of the base model a method needs before its first step: AdaptThink's R_ref, the
+    accuracy of `samples` Thinking-mode responses (first response token `forced_token`), per problem
+    or per level (`keyed_by`, with `problems_per_level` problems of each level). The trainer's
+    components/reference.py runs it through the evaluation harness and hands the table back with
+    `Method.use_reference`."""
+
+    samples: int
+    keyed_by: str
+    problems_per_level: int
+    forced_token: str
 
 
 class Method(Protocol):
     name: str
 
-    def prompt_modes(self, n_rollouts: int) -> list[tuple[str, int]]:
-        """How one prompt's n rollouts are requested: [(prompt mode, samples)], in order."""
+    def requests(self, prompts: PromptBuilder, problems: Sequence[PromptRow], n_rollouts: int, *,
+                 sampling: SamplingSettings, first_group_id: int) -> list[Request]:
+        """The engine requests of one step's `problems` (group ids first_group_id, ...), n_rollouts samples
+        per problem. Each request records its prompt mode, budget and forced token as data."""
 
     def eval_modes(self) -> list[str]:
         """The prompt modes evaluated before and after training."""
@@ -52,15 +99,52 @@ class Method(Protocol):
     def loss(self) -> PolicyLoss:
         """The objective the policy's training step minimises."""
 
+    def reference(self) -> ReferenceSpec | None:
+        """What the method measures on the base model before its first step (AdaptThink's R_ref), or None."""
+
+    def use_reference(self, table: Mapping[str, float]) -> None:
+        """Receive that measurement, on every rank, before the first step."""
+
 
 def _clipped_loss(algo: AlgoConfig, temperature: float) -> ClippedLoss:
+    dual_clip_c = algo.dual_clip_c if algo.dual_clip_c is not None else math.inf
     return ClippedLoss(temperature=temperature, clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
-                       dual_clip_c=algo.dual_clip_c, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                       dual_clip_c=dual_clip_c, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
                        tis_cap=algo.tis_cap)
 
 
+class _PromptModes:
+    """Defaults of the methods whose prompts do not depend on the problem: one request per (problem,
+    prompt mode) from `prompt_modes`, the clipped loss, no reference measurement."""
+
+    algo: AlgoConfig
+    temperature: float
+    name: str
+
+    def prompt_modes(self, n_rollouts: int) -> list[tuple[str, int]]:
+        """How one prompt's n rollouts are requested: [(prompt mode, samples)], in order."""
+        return [(NATURAL, n_rollouts)]
+
+    def requests(self, prompts: PromptBuilder, problems: Sequence[PromptRow], n_rollouts: int, *,
+                 sampling: SamplingSettings, first_group_id: int) -> list[Request]:
+        return build_requests(prompts, [p.problem for p in problems], self.prompt_modes(n_rollouts),
+                              sampling=sampling, first_group_id=first_group_id)
+
+    def eval_modes(self) -> list[str]:
+        return [NATURAL]
+
+    def loss(self) -> PolicyLoss:
+        return _clipped_loss(self.algo, self.temperature)
+
+    def reference(self) -> ReferenceSpec | None:
+        return None
+
+    def use_reference(self, table: Mapping[str, float]) -> None:
+        raise TypeError(f"{self.name} measures nothing on the base model")
+
+
 @dataclass
-class HBPO:
+class HBPO(_PromptModes):
     """Budgeted subgroups, the budget-aware piecewise reward and the hierarchical advantage (docs/method.md)."""
 
     algo: AlgoConfig  # config.AlgoConfig
@@ -83,23 +167,14 @@ class HBPO:
                                             beta=a.beta, w_intra=a.w_intra, eps=a.adv_eps, center_intra=a.center_intra)
         return rewards, advantages
 
-    def loss(self) -> PolicyLoss:
-        return _clipped_loss(self.algo, self.temperature)
-
 
 @dataclass
-class GRPO:
+class GRPO(_PromptModes):
     """The baseline: n unbudgeted rollouts, 0/1 reward, group-normalised advantage."""
 
     algo: AlgoConfig
     temperature: float
     name: str = "grpo"
-
-    def prompt_modes(self, n_rollouts: int) -> list[tuple[str, int]]:
-        return [(NATURAL, n_rollouts)]
-
-    def eval_modes(self) -> list[str]:
-        return [NATURAL]
 
     def rewards_and_advantages(self, rollouts: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.algo
@@ -107,8 +182,140 @@ class GRPO:
                                 dtype=torch.float64)
         return rewards, group_normalized_advantage(rewards, rollouts.group_ids, eps=a.adv_eps)
 
+
+@dataclass
+class L1(_PromptModes):
+    """L1-Exact / L1-Max (docs/baselines.md, "L1"): each problem's target (N, mode) in its user turn, one
+    per problem for all its rollouts and every epoch; the L1 reward; GRPO's advantage; the clipped loss."""
+
+    algo: AlgoConfig
+    temperature: float
+    name: str = "l1_exact"
+
+    def target_mode(self, problem: str) -> str:
+        """The prompt mode of a problem: length:N or max_length:N, a function of (algo.l1.target_seed, text)."""
+        c = self.algo.l1
+        target, kind = problem_target(c.target_seed, problem, stage=c.stage, n_min=c.n_min, n_max=c.n_max,
+                                      max_fraction=c.max_fraction)
+        return length_mode(target, kind)
+
+    def requests(self, prompts: PromptBuilder, problems: Sequence[PromptRow], n_rollouts: int, *,
+                 sampling: SamplingSettings, first_group_id: int) -> list[Request]:
+        modes = [self.target_mode(p.problem) for p in problems]
+        ids = prompts.many([(p.problem, mode) for p, mode in zip(problems, modes)])
+        return [Request(prompt_ids=prompt_ids, n=n_rollouts, budget=None, sampling=sampling,
+                        group_id=first_group_id + offset, mode=mode)
+                for offset, (prompt_ids, mode) in enumerate(zip(ids, modes))]
+
+    def eval_modes(self) -> list[str]:
+        return [NATURAL, *(length_mode(n, self.algo.l1.stage) for n in self.algo.l1.eval_targets)]
+
+    def rewards_and_advantages(self, rollouts: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.algo.l1
+        modes = rollouts.modes or [NATURAL] * len(rollouts.lengths)
+        targets = [mode_length_instruction(m) or (0, "none") for m in modes]
+        rewards = l1_reward(rollouts.lengths, torch.tensor([n for n, _ in targets], dtype=torch.float64),
+                            [kind for _, kind in targets], rollouts.correct, rollouts.format_ok,
+                            alpha=c.alpha, alpha_max=c.alpha_max, delta=c.delta)
+        return rewards, group_normalized_advantage(rewards, rollouts.group_ids, eps=self.algo.adv_eps)
+
+
+@dataclass
+class TLMRE(_PromptModes):
+    """TLMRE (docs/baselines.md, "TLMRE"): standard prompts; correct answers paid by the sigmoid of their
+    length's z-score among the prompt's correct answers; leave-one-out advantage, no std; optionally
+    whitened over the whole rollout batch (every rank holds all of it)."""
+
+    algo: AlgoConfig
+    temperature: float
+    name: str = "tlmre"
+
+    def rewards_and_advantages(self, rollouts: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.algo.tlmre
+        rewards = tlmre_reward(rollouts.lengths, rollouts.correct, rollouts.format_ok, rollouts.group_ids,
+                               alpha=c.alpha, std_eps=c.std_eps)
+        advantages = rloo_advantage(rewards, rollouts.group_ids)
+        if c.batch_whiten:
+            tokens = rollouts.response_tokens if rollouts.response_tokens is not None else rollouts.lengths
+            advantages = whiten_advantages(advantages, whitening_moments(advantages, tokens))
+        return rewards, advantages
+
+
+@dataclass
+class AdaptThink(_PromptModes):
+    """AdaptThink (docs/baselines.md, "AdaptThink"): per prompt, round(n f) rollouts forced to start with
+    the NoThinking token and the rest with the Thinking token (the forced token belongs to the response,
+    with the scheme's probability f or 1 - f as its rollout log-prob); A = acc - R_ref(x) + delta
+    1[forced NoThinking], no group statistics; the sequence-ratio loss."""
+
+    algo: AlgoConfig
+    temperature: float
+    name: str = "adaptthink"
+    table: Mapping[str, float] | None = None  # R_ref, from use_reference
+
+    def forced_token_ids(self, prompts: PromptBuilder) -> tuple[int, int]:
+        """(NoThinking, Thinking) token ids; each token must be one id, and the Thinking token must open the
+        thinking block exactly when the chat template does not."""
+        a, c = self.algo, self.algo.adaptthink
+        ids = []
+        for name, text in (("nothinking_token", c.nothinking_token), ("thinking_token", c.thinking_token)):
+            encoded = prompts.tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"algo.adaptthink.{name}: {text!r} is {len(encoded)} tokens of this tokenizer, "
+                                 "not one; name a single token")
+            ids.append(encoded[0])
+        template_opens = prompts.text("x").rstrip().endswith(a.think_open)
+        if template_opens == (c.thinking_token == a.think_open):
+            fix = (f"the chat template opens the thinking block, so it must be a first word of thinking, not "
+                   f"{a.think_open!r}") if template_opens else \
+                f"the chat template does not open the thinking block, so the Thinking mode opens it: set it to " \
+                f"{a.think_open!r}"
+            raise ValueError(f"algo.adaptthink.thinking_token: {fix}")
+        return ids[0], ids[1]
+
+    def requests(self, prompts: PromptBuilder, problems: Sequence[PromptRow], n_rollouts: int, *,
+                 sampling: SamplingSettings, first_group_id: int) -> list[Request]:
+        c = self.algo.adaptthink
+        token_ids = self.forced_token_ids(prompts)
+        modes = assign_modes(n_rollouts, c.nothinking_fraction)
+        split = [(nothinking, modes.count(nothinking)) for nothinking in (True, False)]
+        requests = []
+        for offset, prompt_ids in enumerate(prompts.many([(p.problem, NATURAL) for p in problems])):
+            for nothinking, count in split:
+                cap = c.nothinking_max_response_length if nothinking else sampling.max_tokens
+                ids, max_new = forced_generation_request(prompt_ids, token_ids[0 if nothinking else 1], cap)
+                requests.append(Request(prompt_ids=ids, n=count, budget=None, group_id=first_group_id + offset,
+                                        sampling=dataclasses.replace(sampling, max_tokens=max_new), mode=NATURAL,
+                                        forced_logprob=mode_logprob(nothinking, c.nothinking_fraction)))
+        return requests
+
+    def rewards_and_advantages(self, rollouts: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        a, c = self.algo, self.algo.adaptthink
+        if self.table is None:
+            raise RuntimeError("AdaptThink needs R_ref before its first step (Trainer.prepare)")
+        if len(rollouts.forced_texts) != len(rollouts.lengths) or not all(rollouts.forced_texts):
+            raise ValueError("every AdaptThink rollout starts with a forced mode token; some have none")
+        tags = [think_tag_counts(text, think_open=a.think_open, think_close=a.think_close, forced_text=forced)
+                for text, forced in zip(rollouts.texts, rollouts.forced_texts)]
+        keys = [reference_key(p, lv, c.reference) for p, lv in zip(rollouts.problems, rollouts.levels)]
+        rewards = adaptthink_reward(rollouts.correct, rollouts.format_ok, torch.tensor([t[0] for t in tags]),
+                                    torch.tensor([t[1] for t in tags]),
+                                    torch.tensor([f == c.nothinking_token for f in rollouts.forced_texts]),
+                                    lookup_reference_accuracy(self.table, keys), delta=c.delta)
+        return rewards, rewards.clone()  # the advantage is the reward itself
+
     def loss(self) -> PolicyLoss:
-        return _clipped_loss(self.algo, self.temperature)
+        c = self.algo.adaptthink
+        return AdaptThinkLoss(temperature=self.temperature, clip_eps_low=c.clip_eps_low,
+                              clip_eps_high=c.clip_eps_high)
+
+    def reference(self) -> ReferenceSpec | None:
+        c = self.algo.adaptthink
+        return ReferenceSpec(samples=c.ref_samples, keyed_by=c.reference,
+                             problems_per_level=c.reference_problems_per_level, forced_token=c.thinking_token)
+
+    def use_reference(self, table: Mapping[str, float]) -> None:
+        self.table = dict(table)
 
 
 def method_for(algo: AlgoConfig, *, l_max: int, temperature: float) -> Method:
@@ -118,4 +325,10 @@ def method_for(algo: AlgoConfig, *, l_max: int, temperature: float) -> Method:
         return HBPO(algo, l_max, temperature)
     if algo.name == "grpo":
         return GRPO(algo, temperature)
+    if algo.name in ("l1_exact", "l1_max"):
+        return L1(algo, temperature, name=algo.name)
+    if algo.name == "tlmre":
+        return TLMRE(algo, temperature)
+    if algo.name == "adaptthink":
+        return AdaptThink(algo, temperature)
     raise ValueError(f"algo.name: unknown method {algo.name!r}")

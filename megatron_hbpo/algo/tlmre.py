@@ -8,8 +8,8 @@ No target length: among the correct responses of one prompt, shorter ones are pa
     A_i     = R_i - mean_{j != i} R_j = n / (n - 1) * (R_i - mean_group R)       (RLOO, no std)
 
 The released code also whitens all advantages of the rollout batch (one shift and scale over every
-response token of every rank); `whitening_moments` + `whiten_advantages` do that in a form that
-all-reduces.
+response token of every rank); `whitening_moments` + `whiten_advantages` do that (moments are sums,
+so the parts of a split batch add up).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from __future__ import annotations
 import torch
 
 from megatron_hbpo.algo.advantage import check_per_sample, group_index, segment_mean, segment_sum
+from megatron_hbpo.algo.constants import TLMRE_ALPHA as DEFAULT_ALPHA
+from megatron_hbpo.algo.constants import TLMRE_STD_EPS as DEFAULT_STD_EPS
 from megatron_hbpo.algo.reward import float_dtype, per_sample_tensors
 
-# Authors' settings (docs/baselines.md, "TLMRE").
-DEFAULT_ALPHA = 0.1
-HBPO_ROW_ALPHA = 0.4
-DEFAULT_STD_EPS = 1e-7
-DEFAULT_BATCH_WHITEN = False
+# The authors' settings (docs/baselines.md, "TLMRE") are defined once, in algo/constants.py; the
+# recipe's checks of them are config.TLMREConfig's.
 WHITEN_MIN_VARIANCE = 1e-8
 
 
@@ -79,7 +78,7 @@ def rloo_advantage(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
 
 def whitening_moments(advantages: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     """[3] float64 (tokens, sum, sum of squares) of the per-sequence advantages, each weighted by its
-    sequence's response tokens; sum them over all ranks (all-reduce SUM) before `whiten_advantages`.
+    sequence's response tokens; the moments of a split batch are the sums of its parts'.
 
     advantages: [B] one per sequence; num_tokens: [B] response tokens of each sequence.
     """
@@ -98,26 +97,3 @@ def whiten_advantages(advantages: torch.Tensor, moments: torch.Tensor, *, min_va
     mean = total / tokens
     variance = max(total_sq / tokens - mean * mean, min_variance)
     return ((advantages.to(torch.float64) - mean) / variance ** 0.5).to(advantages.dtype)
-
-
-def check_tlmre_config(
-    *,
-    alpha: float = DEFAULT_ALPHA,
-    std_eps: float = DEFAULT_STD_EPS,
-    batch_whiten: bool = DEFAULT_BATCH_WHITEN,
-    n_rollouts: int | None = None,
-) -> None:
-    """Raise ValueError naming the `algo.tlmre.*` field on the first bad setting.
-
-    n_rollouts: rollouts per prompt, when known; leave-one-out needs at least two.
-    """
-    if not 0 <= alpha < 1:
-        raise ValueError(f"algo.tlmre.alpha: must be in [0, 1) so that a correct answer outscores a wrong one, "
-                         f"got {alpha}")
-    if not std_eps > 0:
-        raise ValueError(f"algo.tlmre.std_eps: must be > 0 (it keeps equal lengths finite), got {std_eps}")
-    if not isinstance(batch_whiten, bool):
-        raise ValueError(f"algo.tlmre.batch_whiten: must be true or false, got {batch_whiten!r}")
-    if n_rollouts is not None and n_rollouts < 2:
-        raise ValueError(f"rollout.n_rollouts: TLMRE's leave-one-out baseline needs >= 2 rollouts per prompt, "
-                         f"got {n_rollouts}")

@@ -69,7 +69,7 @@ class Evaluator:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, records)
         all_records = [r for part in gathered for r in part]
-        result = results_document(all_records, label=label,
+        result = results_document(all_records, label=label, soft_margin=self.cfg.adherence_soft_margin,
                                   settings={"n": self.cfg.samples_per_problem, "temperature": self.cfg.temperature,
                                             "top_p": self.cfg.top_p, "max_tokens": self.max_tokens,
                                             "seed": self.cfg.seed})

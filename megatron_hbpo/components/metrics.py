@@ -50,11 +50,15 @@ def step_summary(step: int, rows: Sequence[dict], mismatch: dict[str, float], tr
     metrics.update({"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()) if len(adv) > 1 else 0.0,
                     "advantage/min": float(adv.min()), "advantage/max": float(adv.max())})
     tokens = sum(r.response_tokens for r in train_results)
-    for name in TRAIN_MEANS:
-        # Token-weighted over the mini-batches: the rollout batch's token-mean.
-        weighted = sum((r.loss if name == "loss" else r.metrics.get(name, 0.0)) * r.response_tokens
-                       for r in train_results)
-        metrics[f"train/{name}"] = weighted / max(tokens, 1)
+    normalizer = sum(r.normalizer for r in train_results)
+    extra = [name for name in train_results[0].metrics if name not in TRAIN_MEANS]
+    for name in (*TRAIN_MEANS, *extra):
+        # Weighted over the mini-batches by what each averages over (the entropy: tokens; the loss and
+        # its metrics: the loss's normaliser, tokens for a token-mean loss): the rollout batch's mean.
+        per_token = name == "entropy"
+        weighted = sum((r.loss if name == "loss" else r.metrics.get(name, 0.0))
+                       * (r.response_tokens if per_token else r.normalizer) for r in train_results)
+        metrics[f"train/{name}"] = weighted / max(tokens if per_token else normalizer, 1)
     metrics["train/grad_norm"] = sum(r.grad_norm for r in train_results) / len(train_results)
     metrics["train/lr"] = train_results[-1].lr
     metrics["train/optimizer_steps"] = len(train_results)

@@ -18,12 +18,12 @@ import torch.distributed as dist
 from megatron_hbpo.algo.methods import Method, ScoredRollouts
 from megatron_hbpo.components.timer import Timer
 from megatron_hbpo.config import RolloutConfig
-from megatron_hbpo.data.chat import PromptBuilder
+from megatron_hbpo.data.chat import NATURAL, PromptBuilder
 from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.megatron.batching import PolicySequence
 from megatron_hbpo.rollout.engine import RolloutEngine, Sample, SamplingSettings
 from megatron_hbpo.rollout.layout import RolloutLayout
-from megatron_hbpo.rollout.requests import build_requests
+from megatron_hbpo.rollout.requests import samples_by_request, with_forced_response
 from megatron_hbpo.seeding import seed_everything
 
 if TYPE_CHECKING:
@@ -32,7 +32,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class RolloutRecord:
-    """One scored rollout; every rank holds all of a step's records."""
+    """One scored rollout, every rank holds all of a step's records.
+
+    response_ids / logprobs / length include a forced first token (AdaptThink's mode token), whose
+    log-prob is the sampling scheme's; `forced` says how many leading response tokens the engine did
+    not sample (0 or 1), which the rollout/trainer mismatch statistics leave out. mode: the request's
+    prompt mode (data/chat.py); text: the decoded response the verifier read; forced_text: the forced
+    token's text ("" when none); problem: the prompt's problem.
+    """
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -44,9 +51,20 @@ class RolloutRecord:
     correct: bool
     format_ok: bool
     truncated: bool
+    mode: str = NATURAL
+    forced: int = 0
+    text: str = ""
+    forced_text: str = ""
+    problem: str = ""
+
+    @property
+    def sampled_logprobs(self) -> torch.Tensor:
+        """The engine's log-probs of the tokens it sampled (a forced first token left out)."""
+        return self.logprobs[self.forced:]
 
 
 def scored_rollouts(records: Sequence[RolloutRecord]) -> ScoredRollouts:
+    """The records as the method's tensors."""
     return ScoredRollouts(
         lengths=torch.tensor([x.length for x in records], dtype=torch.float64),
         correct=torch.tensor([x.correct for x in records]),
@@ -54,6 +72,10 @@ def scored_rollouts(records: Sequence[RolloutRecord]) -> ScoredRollouts:
         group_ids=torch.tensor([x.group_id for x in records]),
         budgets=torch.tensor([x.budget if x.budget is not None else float("nan") for x in records],
                              dtype=torch.float64),
+        modes=[x.mode for x in records], texts=[x.text for x in records],
+        forced_texts=[x.forced_text for x in records], problems=[x.problem for x in records],
+        levels=[x.level for x in records],
+        response_tokens=torch.tensor([len(x.response_ids) for x in records], dtype=torch.float64),
     )
 
 
@@ -104,27 +126,36 @@ class RolloutWorker:
     def _generate_and_verify(self, problems: Sequence[PromptRow], mine: range, timer: Timer) -> list[RolloutRecord]:
         r = self.rollout
         sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length)
-        requests = build_requests(self.prompts, [problems[i].problem for i in mine],
-                                  self.method.prompt_modes(r.n_rollouts), sampling=sampling, first_group_id=mine.start)
+        requests = self.method.requests(self.prompts, [problems[i] for i in mine], r.n_rollouts, sampling=sampling,
+                                        first_group_id=mine.start)
         for request in requests:
-            if len(request.prompt_ids) > r.max_prompt_length:
-                raise ValueError(f"a prompt has {len(request.prompt_ids)} tokens, more than rollout.max_prompt_length="
+            prompt_length = len(request.prompt_ids) - (request.forced_logprob is not None)
+            if prompt_length > r.max_prompt_length:
+                raise ValueError(f"a prompt has {prompt_length} tokens, more than rollout.max_prompt_length="
                                  f"{r.max_prompt_length}: {problems[request.group_id].problem[:80]!r}")
         with timer("rollout"):
             self.engine.wake()
-            samples: list[Sample] = self.engine.generate(requests)
+            generated: list[Sample] = self.engine.generate(requests)
             self.engine.sleep()
         if not self.is_leader:
             return []
         assert self.verifier is not None
         with timer("reward"):
+            pairs = samples_by_request(requests, generated)
+            samples = [with_forced_response(request, sample) for request, sample in pairs]
+            forced = [int(request.forced_logprob is not None) for request, _ in pairs]
             tokenizer = self.prompts.tokenizer
             texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+            forced_texts = tokenizer.batch_decode([s.response_ids[:k] for s, k in zip(samples, forced)],
+                                                  skip_special_tokens=True) if any(forced) else [""] * len(samples)
             golds = [problems[s.group_id].answer for s in samples]
             verdicts = self.verifier.score(texts, golds, think_close=self.think_close)
         return [RolloutRecord(prompt_ids=s.prompt_ids, response_ids=s.response_ids, logprobs=s.logprobs,
                               length=s.length, budget=s.budget, group_id=s.group_id,
                               level=problems[s.group_id].level, correct=v.correct,
                               # A truncated response is a format error (docs/method.md, the reward).
-                              format_ok=v.format_ok and not s.truncated, truncated=s.truncated)
-                for s, v in zip(samples, verdicts)]
+                              format_ok=v.format_ok and not s.truncated, truncated=s.truncated,
+                              mode=request.mode, forced=k, text=text, forced_text=forced_text,
+                              problem=problems[s.group_id].problem)
+                for (request, _), s, v, k, text, forced_text in zip(pairs, samples, verdicts, forced, texts,
+                                                                      forced_texts)]

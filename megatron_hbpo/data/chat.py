@@ -8,9 +8,15 @@ Prompt modes, always written as these strings (in recipes, result files, tables 
     natural       the chat template alone: the model opens its thinking block itself
     efficiency    `<think>` + " I will answer the question with minimal tokens"
     budget:N      `<think>` + " I will answer the question within N tokens" (HBPO's budget prefix)
+    length:N      the user turn + " Think for N tokens." (L1's exact target, docs/baselines.md)
+    max_length:N  the user turn + " Think for maximum N tokens." (L1's maximum target)
 
 The prefix after `<think>` is prompt, not response: it is never generated, trained or counted in
-the response length (docs/method.md, "Hierarchical budget exploration").
+the response length (docs/method.md, "Hierarchical budget exploration"). L1's sentence ends the user
+turn, before the chat template; nothing is added to the assistant turn.
+
+`mode_target` gives the length a mode asks for and its kind: a maximum ("max": budget:N,
+max_length:N) or a length to hit ("exact": length:N); budget adherence is measured against it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
 NATURAL = "natural"
 EFFICIENCY = "efficiency"
 _BUDGET = "budget:"
+# L1's two length sentences, by the kind of target they state (mode name prefix -> kind).
+_LENGTH_PREFIXES = {"length:": "exact", "max_length:": "max"}
+_TARGET_PREFIXES = {_BUDGET: "max", **_LENGTH_PREFIXES}
 
 
 def budget_mode(budget: int) -> str:
@@ -42,15 +51,44 @@ def mode_budget(mode: str) -> int | None:
     return int(mode[len(_BUDGET):]) if mode.startswith(_BUDGET) else None
 
 
+def length_mode(target: int, kind: str) -> str:
+    """The mode name of an L1 target: (512, "exact") -> "length:512", (512, "max") -> "max_length:512"."""
+    prefix = {v: k for k, v in _LENGTH_PREFIXES.items()}.get(kind)
+    if prefix is None:
+        raise ValueError(f"an L1 target's kind is exact or max, got {kind!r}")
+    return f"{prefix}{int(target)}"
+
+
+def _split(mode: str, prefixes: dict[str, str]) -> tuple[int, str] | None:
+    for prefix, kind in prefixes.items():
+        if mode.startswith(prefix):
+            return int(mode[len(prefix):]), kind
+    return None
+
+
+def mode_target(mode: str) -> tuple[int, str] | None:
+    """(N, kind) of a mode that asks for a length: budget:N and max_length:N -> (N, "max"), length:N
+    -> (N, "exact"); None for natural and efficiency."""
+    return _split(mode, _TARGET_PREFIXES)
+
+
+def mode_length_instruction(mode: str) -> tuple[int, str] | None:
+    """(N, L1 mode "exact" | "max") of an L1 length mode (length:N, max_length:N), else None."""
+    return _split(mode, _LENGTH_PREFIXES)
+
+
 def parse_mode(text: str) -> str:
-    """Validate a mode name (natural, efficiency or budget:N with N > 0) and return it normalised."""
+    """Validate a mode name (natural, efficiency, budget:N, length:N or max_length:N with N > 0) and
+    return it normalised."""
     text = text.strip()
     if text in (NATURAL, EFFICIENCY):
         return text
-    number = text[len(_BUDGET):] if text.startswith(_BUDGET) else ""
-    if number.isdigit() and int(number) > 0:
-        return budget_mode(int(number))
-    raise ValueError(f"prompt mode must be natural, efficiency or budget:N (N > 0 tokens), got {text!r}")
+    for prefix in _TARGET_PREFIXES:
+        number = text[len(prefix):] if text.startswith(prefix) else ""
+        if number.isdigit() and int(number) > 0:
+            return f"{prefix}{int(number)}"
+    raise ValueError(f"prompt mode must be natural, efficiency, budget:N, length:N or max_length:N (N > 0 tokens), "
+                     f"got {text!r}")
 
 
 def fill_template(template: str, problem: str) -> str:
@@ -107,8 +145,15 @@ class PromptBuilder:
 
     def text(self, problem: str, mode: str = NATURAL) -> str:
         f = self.format
-        rendered = render_chat_prompt(self.tokenizer, fill_template(f.template, problem), system_prompt=f.system_prompt)
-        if mode == NATURAL:
+        user = fill_template(f.template, problem)
+        length = mode_length_instruction(parse_mode(mode)) if mode != NATURAL else None
+        if length is not None:
+            # Imported here: the mode names above stay importable without torch (config.py checks them).
+            from megatron_hbpo.algo.l1 import append_length_instruction
+
+            user = append_length_instruction(user, *length)
+        rendered = render_chat_prompt(self.tokenizer, user, system_prompt=f.system_prompt)
+        if mode == NATURAL or length is not None:
             return rendered
         if mode == EFFICIENCY:
             return add_think_prefix(rendered, EFFICIENCY_SENTENCE, think_open=f.think_open)

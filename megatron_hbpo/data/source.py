@@ -70,11 +70,16 @@ class PromptSource:
         return self._cached_order[1]
 
 
+def synthetic_problems(levels: Sequence[int], problems_per_level: int, stream: str) -> list[PromptRow]:
+    """`problems_per_level` synthetic problems of each level, from the generator seeded by `stream`."""
+    rng = random.Random(stream)
+    return [PromptRow(p.text, p.answer, str(p.level)) for level in levels
+            for p in (make_problem(rng, level) for _ in range(problems_per_level))]
+
+
 def eval_set(data: DataConfig, problems_per_level: int, seed: int) -> list[PromptRow]:
     """The held-out problems of in-training evaluation: `problems_per_level` of each synthetic level
     (drawn apart from the training stream), or the rows of data.eval_files."""
     if data.source == "synthetic":
-        rng = random.Random(f"{seed}:eval")
-        return [PromptRow(p.text, p.answer, str(p.level)) for level in data.synthetic_levels
-                for p in (make_problem(rng, level) for _ in range(problems_per_level))]
+        return synthetic_problems(data.synthetic_levels, problems_per_level, f"{seed}:eval")
     return load_rows(data, data.eval_files)[0]

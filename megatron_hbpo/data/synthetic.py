@@ -39,6 +39,9 @@ VERBOSE_TOKENS = 56  # the verbose chain is padded with check lines to at least 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<unk>"]
 WORDS = ["last", "digit", "of", "I", "will", "answer", "the", "question", "within", "tokens", "with",
          "minimal", "check", "ok", "no"]
+# L1's length sentences (" Think for [maximum] N tokens."), appended after the original vocabulary so
+# that every earlier token keeps its id (and the warm-up, its weights).
+L1_WORDS = ["Think", "for", "maximum"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # One token per tag, word (with or without its leading space), digit (idem), sign, or a lone space.
@@ -123,6 +126,7 @@ def task_tokenizer() -> Any:
     vocab_list += [d for n in range(10) for d in (str(n), f" {n}")]
     vocab_list += [w for word in WORDS + list(TAGS) for w in (word, f" {word}")]
     vocab_list += list("+=;}{.,?!:-*/()%")
+    vocab_list += [w for word in L1_WORDS for w in (word, f" {word}")]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated")

@@ -22,9 +22,10 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
+from megatron_hbpo.algo.constants import ADHERENCE_SOFT_MARGIN as DEFAULT_SOFT_MARGIN
+
 # HBPO's training budgets together with L1's evaluation targets; 3600 lies above HBPO's largest budget.
 TARGET_GRID = (512, 1024, 2048, 2560, 3600)
-DEFAULT_SOFT_MARGIN = 500
 KINDS = ("max", "exact")
 
 NAN = float("nan")

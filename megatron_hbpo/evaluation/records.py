@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from megatron_hbpo.algo.adaptthink import is_nothinking
 from megatron_hbpo.algo.constants import THINK_CLOSE
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class ScoredResponse:
     reflections: dict[str, int] = field(default_factory=dict)  # keyword -> count in the response
     response: str = ""
     budget: int | None = None  # the token budget the prompt stated (budget modes), for adherence
+    nothinking: bool = False  # an empty thinking block (`</think>` first): AdaptThink's NoThinking
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -153,5 +155,6 @@ def score_responses(generated: Sequence[Generated], verifier: AnswerVerifier, *,
             correct=bool(verdict.correct) and not truncated, tokens=length, thinking_tokens=thinking,
             answer_tokens=answer, closed_thinking=closed, truncated=truncated, status=verdict.status,
             answer=verdict.answer, gold=g.gold, reflections=count_keywords(g.text, keywords, pattern),
-            response=g.text if keep_text else "", budget=g.budget))
+            response=g.text if keep_text else "", budget=g.budget,
+            nothinking=is_nothinking(g.text, think_close=think_close)))
     return records

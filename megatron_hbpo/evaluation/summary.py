@@ -4,6 +4,7 @@ mode (summary.json), its plot, and the comparison of several runs (`python -m me
 summary.json:
     {"levels": {level: {"before": {"accuracy", "mean_tokens"}, "after": {...}}},     natural mode
      "budgets": {mode: {level: {"before": ..., "after": ...}}},                       every other mode
+     "adherence": {"before": ..., "after": ...},       the results' budget-adherence sections
      "wall_seconds", "recipe", "algo", "steps", ...}
 It is derived from the two evaluation results (eval_before.json, eval_after.json, the results schema).
 """
@@ -35,7 +36,8 @@ def build_summary(before: Mapping[str, Any], after: Mapping[str, Any], **extra: 
         return {lv: {"before": b[lv], "after": a[lv]} for lv in a}
 
     return {"levels": both(NATURAL),
-            "budgets": {mode: both(mode) for mode in after["results"] if mode != NATURAL}, **extra}
+            "budgets": {mode: both(mode) for mode in after["results"] if mode != NATURAL},
+            "adherence": {"before": before.get("adherence", {}), "after": after.get("adherence", {})}, **extra}
 
 
 def _pairs(per_level: Mapping[str, Mapping[str, Any]], when: str) -> dict[str, Pair]:

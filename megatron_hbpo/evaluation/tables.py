@@ -2,7 +2,8 @@
 
 Views: `results_table` (the paper's shape: a row per model and mode, a column per benchmark plus
 Avg), `level_table` (a row per mode, a column per difficulty level), `details_table` (token
-distribution, thinking/answer split, rates), `compare_table` (two results and their deltas) and
+distribution, thinking/answer split, rates), `adherence_table` (budget adherence per target and
+level, and its average over the targets), `compare_table` (two results and their deltas) and
 `format_report` (the results.md file).
 """
 
@@ -102,10 +103,53 @@ def details_table(result: Mapping[str, Any]) -> str:
                          f"{t['mean']:.0f}", f"{t['median']:.0f}", f"{t['p90']:.0f}",
                          f"{m['mean_thinking_tokens']:.0f}",
                          f"{m['mean_answer_tokens']:.0f}", f"{100 * m['truncation_rate']:.1f}",
-                         f"{100 * m['no_think_close_rate']:.1f}", f"{100 * m['format_error_rate']:.1f}",
-                         f"{m['reflections']['total']:.2f}"])
+                         f"{100 * m['no_think_close_rate']:.1f}", percent(m.get("nothinking_rate", math.nan)),
+                         f"{100 * m['format_error_rate']:.1f}", f"{m['reflections']['total']:.2f}"])
     return markdown_table(["mode", "benchmark", "samples", "acc %", "mean", "median", "p90", "thinking", "answer",
-                           "truncated %", "no </think> %", "no answer %", "reflections/resp"], rows)
+                           "truncated %", "no </think> %", "NoThinking %", "no answer %", "reflections/resp"], rows)
+
+
+ADHERENCE_COLUMNS = ("within_budget_rate", "soft_violation_rate", "mean_overshoot", "mean_error",
+                     "mean_abs_deviation", "relative_rmse", "accuracy", "truncation_rate")
+ADHERENCE_HEADER = ("within %", "soft viol. %", "overshoot %", "mean err. %", "abs. dev. %", "rel. RMSE %",
+                    "acc %", "truncated %")
+
+
+def percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def adherence_row(metrics: Mapping[str, float]) -> list[str]:
+    """The adherence metrics as table cells, in ADHERENCE_COLUMNS order (percent, one decimal)."""
+    return [percent(metrics[name]) for name in ADHERENCE_COLUMNS]
+
+
+def adherence_table(result: Mapping[str, Any]) -> str:
+    """Budget adherence (docs/baselines.md): for each family of length prompts (budget, length,
+    max_length) and benchmark, a row per target and level, then the average over the targets per level
+    with the length-target correlation r. '' when no mode asked for a length."""
+    blocks = []
+    for family, section in result.get("adherence", {}).items():
+        rule = "L - N > " if section["kind"] == "max" else "|L - N| > "
+        title = (f"{family}:N ({section['kind']} targets; soft violation: {rule}{section['soft_margin']} tokens; "
+                 f"overshoot: mean (L - N)/N over L > N)")
+        for name, per in section["results"].items():
+            rows = []
+            for target in section["targets"]:
+                mode = f"{family}:{target}"
+                metrics = result["results"].get(mode, {}).get(name)
+                if metrics is None:
+                    continue
+                for level, summary in [*metrics["levels"].items(), (ALL, metrics["all"])]:
+                    a = summary["adherence"]
+                    rows.append([str(target), str(level), str(int(a["samples"])), f"{a['mean_length']:.1f}",
+                                 *adherence_row(a), ""])
+            for level, summary in [*per["levels"].items(), (ALL, per["all"])]:
+                rows.append(["mean", str(level), str(int(summary["samples"])), f"{summary['mean_length']:.1f}",
+                             *adherence_row(summary), f"{summary['length_target_correlation']:.2f}"])
+            blocks.append(f"{benchmark_title(name)}, {title}\n\n" + markdown_table(
+                ["N", "level", "samples", "mean L", *ADHERENCE_HEADER, "r(N, L)"], rows))
+    return "\n\n".join(blocks)
 
 
 def format_report(result: Mapping[str, Any]) -> str:
@@ -118,6 +162,9 @@ def format_report(result: Mapping[str, Any]) -> str:
     levels = level_table(result)
     if levels:
         parts += ["## Per difficulty level", levels]
+    adherence = adherence_table(result)
+    if adherence:
+        parts += ["## Budget adherence", adherence]
     parts += ["## Details", details_table(result)]
     return "\n\n".join(parts) + "\n"
 

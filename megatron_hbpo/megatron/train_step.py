@@ -59,12 +59,13 @@ class TrainStepResult:
 
     loss: float  # sum of the loss over the mini-batch / its normaliser
     response_tokens: int  # trained tokens (the response mask)
-    metrics: dict[str, float]  # the loss's metric sums and the entropy, per trained token
+    metrics: dict[str, float]  # the loss's metric sums per normaliser unit, and the entropy per trained token
     grad_norm: float
     lr: float
     padding_fraction: float  # this rank's padded share of computed token slots
     micro_batches: int
     seconds: float
+    normalizer: float  # the loss's normaliser over the mini-batch (tokens, or sequences for a sequence mean)
 
 
 class MegatronPolicy:
@@ -262,10 +263,13 @@ class MegatronPolicy:
         if not updated:
             raise NonFiniteError("the optimizer skipped its step (non-finite gradients after loss scaling)")
         self.scheduler.step(increment=1)
-        tokens = max(sums["tokens"], 1.0)
+        tokens, normalizer = max(sums["tokens"], 1.0), max(sums["normalizer"], 1.0)
+        # A loss's metrics count what its normaliser counts (tokens for a token mean, sequences for a
+        # sequence mean); the entropy is per token.
+        metrics = {name: sums[name] / normalizer for name in loss_fn.metric_names}
         return TrainStepResult(
-            loss=sums["loss"] / max(sums["normalizer"], 1.0), response_tokens=int(sums["tokens"]),
-            metrics={name: sums[name] / tokens for name in (*loss_fn.metric_names, "entropy")},
+            loss=sums["loss"] / normalizer, response_tokens=int(sums["tokens"]),
+            metrics={**metrics, "entropy": sums["entropy"] / tokens}, normalizer=sums["normalizer"],
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
             lr=self.optimizer.param_groups[0]["lr"], padding_fraction=padding, micro_batches=micro_batches,
             seconds=time.perf_counter() - start,

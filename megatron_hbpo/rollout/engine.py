@@ -27,6 +27,12 @@ class Request:
 
     prompt_ids already contain the chat template and the budget prefix (algo.budgets.build_prompt):
     the prefix is prompt, never response.
+
+    mode: the prompt mode (data/chat.py) the prompt was built with, recorded as data for the reward
+    and the metrics. forced_logprob: when set, the last prompt id is the response's first token,
+    chosen by the sampling scheme rather than the model (AdaptThink's mode token), with this
+    log-probability under that scheme: the engine continues after it, the trainer moves it into the
+    response (rollout.requests.with_forced_response) and trains it.
     """
 
     prompt_ids: list[int]
@@ -34,6 +40,8 @@ class Request:
     budget: int | None
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     group_id: int = 0  # the prompt this request belongs to (for the advantage)
+    mode: str = "natural"
+    forced_logprob: float | None = None
 
 
 @dataclass

@@ -12,7 +12,6 @@ from megatron_hbpo.algo.adaptthink import (
     adaptthink_policy_loss,
     adaptthink_reward,
     assign_modes,
-    check_adaptthink_config,
     forced_generation_request,
     forced_rollout,
     is_nothinking,
@@ -120,6 +119,8 @@ def test_evaluation_mode_detection():
     assert is_nothinking("</think>\n\nThe answer is 4.")
     assert is_nothinking("\n</think>4")
     assert not is_nothinking("Okay, let me think.</think>4")
+    assert is_nothinking("<think></think>\\boxed{4}")  # an empty block the model opened itself
+    assert not is_nothinking("<think>2+2=4</think>\\boxed{4}")
 
 
 def test_reference_accuracy_table_and_lookup():
@@ -273,22 +274,6 @@ def test_padding_garbage_and_empty_rows_are_ignored():
     assert out.num_sequences.item() == clean.num_sequences.item() == 6
     assert out.loss_sum.item() == pytest.approx(clean.loss_sum.item(), abs=1e-12)
     assert torch.isfinite(dirty_new.grad).all()
-
-
-def test_config_defaults_pass_and_bad_fields_are_named():
-    check_adaptthink_config()
-    check_adaptthink_config(n_rollouts=16, max_response_length=4096)
-    bad = [({"delta": -0.01}, "algo.adaptthink.delta"), ({"clip_eps_low": 1.0}, "algo.adaptthink.clip_eps_low"),
-           ({"clip_eps_high": -0.1}, "algo.adaptthink.clip_eps_high"),
-           ({"nothinking_fraction": 1.0}, "algo.adaptthink.nothinking_fraction"),
-           ({"ref_samples": 0}, "algo.adaptthink.ref_samples"),
-           ({"nothinking_max_response_length": 1}, "algo.adaptthink.nothinking_max_response_length"),
-           ({"max_response_length": 2048}, "algo.adaptthink.nothinking_max_response_length"),
-           ({"thinking_token": "</think>"}, "algo.adaptthink.thinking_token"),
-           ({"n_rollouts": 1}, "rollout.n_rollouts")]
-    for kwargs, field in bad:
-        with pytest.raises(ValueError, match=field.replace(".", r"\.") + ":"):
-            check_adaptthink_config(**kwargs)
 
 
 def test_bad_inputs_raise():

@@ -86,3 +86,22 @@ def test_training_and_evaluation_build_the_same_prompt_ids(template):
         # ... and both are the tokenisation of the rendered text, nothing added or merged.
         assert request.prompt_ids == tok(prompts.text("2 + 3 = ?", mode), add_special_tokens=False)["input_ids"]
         assert "Answer in \\boxed{}." in tok.decode(request.prompt_ids)
+
+
+def test_l1_length_modes_end_the_user_turn_with_a_target_read_back_as_data():
+    from megatron_hbpo.data.chat import length_mode, mode_budget, mode_length_instruction, mode_target
+
+    for template in (QWEN_LIKE, R1_LIKE):
+        tok = make_tokenizer(template)
+        exact, maximum = text(tok, "What is 2+2?", "length:300"), text(tok, "What is 2+2?", "max_length:300")
+        natural = text(tok, "What is 2+2?", "natural")
+        assert exact == natural.replace("What is 2+2?", "What is 2+2? Think for 300 tokens.")
+        assert maximum == natural.replace("What is 2+2?", "What is 2+2? Think for maximum 300 tokens.")
+    assert (length_mode(300, "exact"), length_mode(300, "max")) == ("length:300", "max_length:300")
+    assert parse_mode(" max_length:0300 ") == "max_length:300" and parse_mode("length:7") == "length:7"
+    assert mode_target("budget:512") == (512, "max") and mode_target("max_length:300") == (300, "max")
+    assert mode_target("length:300") == (300, "exact") and mode_target("natural") is None
+    assert mode_length_instruction("budget:512") is None and mode_budget("length:300") is None
+    for bad in ("length:0", "max_length:", "length:x", "exact:300"):
+        with pytest.raises(ValueError, match="length:N or max_length:N"):
+            parse_mode(bad)

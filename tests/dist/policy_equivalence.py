@@ -4,6 +4,10 @@
     torchrun --nproc-per-node 2 policy_equivalence.py --mode tp|pp|dp|dp_distopt --ref REF.pt
     torchrun --nproc-per-node 1 policy_equivalence.py --mode gpu --ref REF.pt    (CUDA against a CPU REF)
 
+`--loss sequence` runs the same comparisons with AdaptThink's sequence-ratio loss (a mean over
+sequences, normalised by the global sequence count; its first response token's old log-prob comes
+from the rollout log-probs, log 0.5 here) in place of HBPO's token-mean clipped loss.
+
 For a tiny Qwen2-shaped model (GQA, q/k/v bias, untied) and a tiny Llama-shaped one (MHA, tied
 embeddings, Llama-3 rope scaling), the parallel run loads the reference weights; each rank reports
 (tests/dist/common.write_report) how far its response log-probs, token-mean loss, gradients
@@ -26,6 +30,7 @@ import torch.distributed as dist
 from common import policy_from_recipe, write_report
 
 from megatron_hbpo import runtime
+from megatron_hbpo.algo.adaptthink import AdaptThinkLoss
 from megatron_hbpo.algo.loss import ClippedLoss
 from megatron_hbpo.config import ClusterConfig, ModelConfig, ParallelConfig, Recipe, TrainConfig, validate
 from megatron_hbpo.megatron import parallel
@@ -36,7 +41,8 @@ from megatron_hbpo.megatron.train_step import NonFiniteError
 
 VOCAB = 100
 TOL = 2e-6  # fp32, different reduction orders
-LOSS = ClippedLoss(temperature=1.0)
+LOSSES = {"clipped": ClippedLoss(temperature=1.0), "sequence": AdaptThinkLoss(temperature=1.0)}
+LOSS = LOSSES["clipped"]  # --loss picks
 
 MODELS = {
     "qwen2": dict(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -82,6 +88,9 @@ def make_sequences() -> list[PolicySequence]:
     for length, prompt in [(40, 7), (9, 3), (23, 5), (6, 2), (31, 6), (17, 4), (12, 2)]:
         tokens = torch.randint(0, VOCAB, (length,), generator=g).tolist()
         sequences.append(PolicySequence(tokens, prompt, advantage=float(torch.randn(1, generator=g))))
+    if LOSS is LOSSES["sequence"]:  # a forced first token sampled with probability 0.5 (AdaptThink's)
+        for seq in sequences:
+            seq.logp_rollout = torch.cat([torch.tensor([-0.6931471805599453]), torch.zeros(seq.response_length - 1)])
     return sequences
 
 
@@ -196,7 +205,11 @@ def main() -> int:
     parser.add_argument("--ref")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "unfused"],
                         help="model.attention_backend of this run")
+    parser.add_argument("--loss", default="clipped", choices=sorted(LOSSES),
+                        help="clipped (HBPO's token mean) or sequence (AdaptThink's sequence mean)")
     args = parser.parse_args()
+    global LOSS
+    LOSS = LOSSES[args.loss]
     if args.mode == "ref":
         return reference(args.out, args.attention)
     return check(args.mode, args.ref, args.attention)

@@ -262,6 +262,13 @@ def test_missing_benchmark_file_says_where_and_what(tmp_path, capsys):
     assert f"{bad}:2: missing or empty 'problem'" in capsys.readouterr().err
     assert tool.main(["--model", str(tmp_path), "--setting", "budget:x"]) == 2
     assert "--setting" in capsys.readouterr().err
+    # L1's length modes are settings too: past the setting check, the (missing) model is what fails.
+    assert tool.main(["--model", str(tmp_path / "none"), "--setting", "length:512,max_length:1024,budget:512"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert tool.main(["--model", str(tmp_path), "--setting", "max_length:0"]) == 2
+    assert "length:N or max_length:N" in capsys.readouterr().err
+    assert tool.main(["--model", str(tmp_path), "--soft-margin", "-1"]) == 2
+    assert "--soft-margin must be >= 0" in capsys.readouterr().err
     assert tool.main(["--model", str(tmp_path), "--benchmarks", "gsm8k", "--data", "x=y.jsonl"]) == 2
     assert "--data x=...: x is not in --benchmarks" in capsys.readouterr().err
 
@@ -352,3 +359,45 @@ def test_end_to_end_tiny_model(tmp_path):
         assert not (s["correct"] and s["truncated"])
     assert (out / "results.md").read_text().startswith("# Evaluation of ")
     assert (out / "tokens_per_level.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- budget adherence -------------------------------------------------------------------------------------------
+
+
+def test_adherence_in_the_results_schema_and_its_table():
+    """Length-asking modes (HBPO's budget:N, L1's length:N / max_length:N) carry the adherence metrics of
+    docs/baselines.md per benchmark and level, and their average over each family's targets."""
+    from megatron_hbpo.evaluation.adherence import adherence_metrics, adherence_summary
+    from megatron_hbpo.evaluation.records import ScoredResponse
+    from megatron_hbpo.evaluation.tables import adherence_table, format_report
+
+    def response(setting, level, tokens, correct=True, truncated=False):
+        return ScoredResponse(benchmark="toy", setting=setting, problem_index=0, level=level, correct=correct,
+                              tokens=tokens, thinking_tokens=tokens, answer_tokens=0, closed_thinking=True,
+                              truncated=truncated, status="ok", answer="1", gold="1")
+
+    lengths = {"1": [10, 20, 40], "2": [30, 70, 90]}
+    records = [response("natural", lv, 50) for lv in lengths]
+    for mode, scale in (("budget:32", 1), ("budget:64", 2), ("length:32", 1), ("max_length:32", 1)):
+        records += [response(mode, lv, n * scale, correct=n < 50, truncated=n == 90) for lv, ns in lengths.items()
+                    for n in ns]
+    doc = results_document(records, label="toy", soft_margin=16)
+    assert "adherence" not in doc["results"]["natural"]["toy"]["all"]
+    got = doc["results"]["budget:32"]["toy"]["levels"]["2"]["adherence"]
+    assert got == adherence_metrics([30, 70, 90], 32, kind="max", soft_margin=16, correct=[True, False, False],
+                                    truncated=[False, False, True])
+    assert got["within_budget_rate"] == pytest.approx(1 / 3) and got["soft_violation_rate"] == pytest.approx(2 / 3)
+    exact = doc["results"]["length:32"]["toy"]["all"]["adherence"]
+    assert exact["soft_violation_rate"] == pytest.approx(3 / 6)  # two-sided: 10 (22 under), 70 and 90 (over)
+    assert set(doc["adherence"]) == {"budget", "length", "max_length"}
+    budget = doc["adherence"]["budget"]
+    assert (budget["kind"], budget["targets"], budget["soft_margin"]) == ("max", [32, 64], 16)
+    per_target = {n: doc["results"][f"budget:{n}"]["toy"]["all"]["adherence"] for n in (32, 64)}
+    assert budget["results"]["toy"]["all"] == adherence_summary(per_target)
+    assert budget["results"]["toy"]["all"]["length_target_correlation"] == pytest.approx(1.0)
+    assert doc["adherence"]["length"]["kind"] == "exact"
+    table = adherence_table(doc)
+    assert "budget:N (max targets; soft violation: L - N > 16 tokens" in table
+    assert "length:N (exact targets; soft violation: |L - N| > 16 tokens" in table
+    assert "| 32 | 2 | 3 | 63.3 | 33.3 | 66.7 |" in table and "## Budget adherence" in format_report(doc)
+    json.loads(json.dumps(doc))  # NaN (no violators) survives the JSON writer

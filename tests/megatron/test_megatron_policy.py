@@ -1,4 +1,5 @@
-"""The Megatron policy on CPU (gloo): transformers parity and TP/PP/DP equivalence of the HBPO step.
+"""The Megatron policy on CPU (gloo): transformers parity and TP/PP/DP equivalence of the HBPO step and
+of AdaptThink's sequence-mean step.
 
 The scripts in tests/dist/ do the work under torchrun; see their docstrings for what they compare.
 """
@@ -58,3 +59,28 @@ def test_parallel_step_equals_single_process(reference, mode):
                 where = "micro-batch holding sequences" if rank == 1 else "another rank"
                 assert got["nonfinite"]["message"] and where in got["nonfinite"]["message"], got["nonfinite"]
                 assert got["nonfinite"]["changed"] == []
+
+
+@pytest.fixture(scope="module")
+def sequence_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sequence_equivalence") / "reference.pt"
+    result = run_torchrun("policy_equivalence.py", "--mode", "ref", "--out", str(path), "--loss", "sequence", nproc=1)
+    return path, result.reports[0]
+
+
+def test_sequence_loss_gradient_does_not_depend_on_the_micro_batch_split(sequence_reference):
+    _, report = sequence_reference
+    for family in ("qwen2", "llama"):
+        assert report[family]["single_micro_batches"] == 1 and report[family]["split_grad_diff"] <= TOL
+        assert report[family]["clipped"] > 0  # the forced token's log 0.5 moves some ratios out of the clip range
+
+
+@pytest.mark.parametrize("mode", ["dp", pytest.param("tp", marks=pytest.mark.slow)])
+def test_sequence_loss_parallel_step_equals_single_process(sequence_reference, mode):
+    path, _ = sequence_reference
+    result = run_torchrun("policy_equivalence.py", "--mode", mode, "--ref", str(path), "--loss", "sequence", nproc=2)
+    for rank, report in enumerate(result.reports):
+        for family in ("qwen2", "llama"):
+            got = report[family]
+            assert got["loss_diff"] <= TOL and got["clipped"] == got["expected_clipped"], (rank, family, got)
+            assert got["grad_diff"] <= TOL and got["step_diff"] <= TOL_STEP, (rank, family, got)

@@ -1,0 +1,159 @@
+"""The comparison of HBPO and its baselines on the embedded task (`python -m megatron_hbpo.compare`), and
+each baseline's tiny recipe end to end as users run it (subprocesses with vLLM, like tests/test_trainer.py).
+
+The default suite runs AdaptThink's tiny recipe end to end (2 steps from a 40-step warm-up, with
+evaluation) and the table's arithmetic. Slow: the short comparison (2 steps per method) for L1-Max and
+AdaptThink and for every method over two seeds, each baseline on two data-parallel ranks, and the
+long comparison reported in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from megatron_hbpo.compare import comparison_table
+from megatron_hbpo.evaluation.metrics import results_document
+from megatron_hbpo.evaluation.records import ScoredResponse
+from test_trainer import PYTHON_ENV, assert_finite_metrics, finish, launch, read_metrics
+
+METHODS = ("grpo", "tlmre", "l1_max", "adaptthink", "hbpo")
+
+
+def record(setting: str, level: str, tokens: int, correct: bool, nothinking: bool = False) -> ScoredResponse:
+    return ScoredResponse(benchmark="synthetic", setting=setting, problem_index=0, level=level, correct=correct,
+                          tokens=tokens, thinking_tokens=tokens, answer_tokens=0, closed_thinking=True,
+                          truncated=False, status="ok", answer="1", gold="1", nothinking=nothinking)
+
+
+def document(accuracy: float, tokens: int, budget_tokens: int) -> dict:
+    """A results document: 2 levels x 4 samples in natural mode, and budget:16 / budget:32."""
+    records = [record("natural", lv, tokens, i < 4 * accuracy, nothinking=i == 0) for lv in ("1", "2")
+               for i in range(4)]
+    records += [record(f"budget:{b}", lv, budget_tokens * b // 16, True) for b in (16, 32) for lv in ("1", "2")
+                for _ in range(2)]
+    return results_document(records, label="x", soft_margin=4)
+
+
+def test_comparison_table_means_and_ranges_over_seeds():
+    table = comparison_table({"base": [document(0.5, 40, 20), document(0.5, 40, 20)],
+                              "hbpo": [document(0.75, 20, 15), document(1.0, 30, 17)]})
+    lines = table.splitlines()
+    assert lines[0] == ("| method | level 1 | level 2 | all | NoThinking % | length prompt | within % | soft viol. % "
+                        "| overshoot % | abs. dev. % | r(N, L) |")
+    base, hbpo = lines[2].split(" | "), lines[3].split(" | ")
+    assert base[1] == "50.0 [50.0, 50.0] / 40.0 [40.0, 40.0]" and base[4] == "25.0 [25.0, 25.0]"
+    assert hbpo[1] == "87.5 [75.0, 100.0] / 25.0 [20.0, 30.0]"
+    # budget:16 with 15 tokens and budget:32 with 30: all within, overshoot undefined (no violator); with 17
+    # and 34 tokens, all over by 1/16 and 2/32: the mean overshoot is over the seed where it is defined.
+    assert base[5] == "budget:N" and hbpo[6] == "50.0 [0.0, 100.0]" and hbpo[8] == "6.2"
+    # 20 and 40 tokens: 4 and 8 over; with a soft margin of 4 only the second is a soft violation.
+    assert base[6] == "0.0 [0.0, 0.0]" and base[7] == "50.0 [50.0, 50.0]"
+
+
+def run_compare(out, *args: str, timeout: float) -> str:
+    proc = subprocess.run([sys.executable, "-m", "megatron_hbpo.compare", "--out", str(out), *args], cwd=REPO,
+                          env=PYTHON_ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def check_comparison(out, stdout: str, seeds: list[int], methods=METHODS) -> None:
+    for method in methods:
+        for seed in seeds:
+            run = out / method / f"seed_{seed}"
+            metrics = read_metrics(run)
+            assert metrics and all(m["train/grad_norm"] > 0 for m in metrics
+                                   if (m["advantage/min"], m["advantage/max"]) != (0, 0)), method
+            assert_finite_metrics(metrics)
+            after = json.loads((run / "eval_after.json").read_text())
+            assert {f"budget:{b}" for b in (16, 32, 48, 64)} <= set(after["results"]), method
+            assert "budget" in after["adherence"]
+    if "l1_max" in methods:
+        l1 = json.loads((out / "l1_max" / f"seed_{seeds[0]}" / "eval_after.json").read_text())
+        assert set(l1["adherence"]) == {"budget", "max_length"} and l1["adherence"]["max_length"]["kind"] == "max"
+        # L1-Max resumed from its L1-Exact stage (1 of the 2 steps).
+        log = (out / "l1_max" / f"seed_{seeds[0]}" / "train.log").read_text()
+        assert "resumed from" in log and "step_0000001" in log
+    if "adaptthink" in methods:  # R_ref per level, measured before the first step
+        reference = json.loads((out / "adaptthink" / f"seed_{seeds[0]}" / "adaptthink_reference.json").read_text())
+        assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"}
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | level 1 |") and (out / "comparison.md").is_file()
+    labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]  # rows[0]: the header
+    assert [x for x in labels if x] == ["base", *methods]
+
+
+@pytest.mark.slow
+def test_short_comparison_of_the_baselines_with_new_machinery(tmp_path):
+    """L1-Max (two stages, its own length prompts) and AdaptThink (forced tokens, R_ref) end to end on one
+    rank, and the table (about 2 minutes on an idle 2-core machine, 8 under load)."""
+    methods = ("l1_max", "adaptthink")
+    stdout = run_compare(tmp_path, "--short", "--seeds", "1234", "--methods", ",".join(methods), timeout=1200)
+    check_comparison(tmp_path, stdout, [1234], methods)
+
+
+@pytest.mark.slow
+def test_short_comparison_of_every_method_over_two_seeds(tmp_path):
+    stdout = run_compare(tmp_path, "--short", "--seeds", "1234,1235", timeout=3600)
+    check_comparison(tmp_path, stdout, [1234, 1235])
+
+
+@pytest.mark.slow
+def test_long_comparison_over_two_seeds(tmp_path):
+    """The comparison of BENCHMARKS.md (60 steps, 200 problems per level and mode, two seeds): about two
+    hours on the 2-core machine."""
+    stdout = run_compare(tmp_path, "--seeds", "1234,1235", timeout=6 * 3600)
+    check_comparison(tmp_path, stdout, [1234, 1235])
+    print(stdout)
+
+
+def small_run(recipe: str, root, warmup, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "recipes" / recipe), "warmup.steps=40", f"warmup.dir={warmup}",
+            "train.total_steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+            f"checkpoint.dir={root / 'ck'}", f"logging.dir={root / 'run'}", "logging.progress_bar=false",
+            "eval.before_after=false", "verifier.num_workers=1", "algo.adaptthink.reference_problems_per_level=2",
+            "algo.adaptthink.ref_samples=4", *extra]
+
+
+def test_adaptthink_tiny_recipe_end_to_end(tmp_path):
+    """The default suite's end-to-end run of a baseline: AdaptThink, whose path differs most from HBPO's
+    (R_ref through the harness, forced tokens through vLLM, the sequence-mean loss), with evaluation."""
+    out = finish(launch(small_run("tiny_cpu_adaptthink.yaml", tmp_path, tmp_path / "warmup", "eval.before_after=true",
+                                  "eval.problems_per_level=2", "eval.modes=[budget:32]")))
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["rollout/samples"] == 32
+    assert_finite_metrics(metrics)
+    assert all(m["train/grad_norm"] > 0 and 0 < m["train/ratio"] < 2 for m in metrics)  # A = acc - R_ref + delta != 0
+    assert metrics[0]["mismatch/mean_abs"] < 1e-3  # the forced token's log 0.5 is not compared with the trainer's
+    reference = json.loads((tmp_path / "run" / "adaptthink_reference.json").read_text())
+    assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"} and "R_ref: 4 entries" in out
+    after = json.loads((tmp_path / "run" / "eval_after.json").read_text())
+    assert set(after["results"]) == {"natural", "budget:32"} and "nothinking_rate" in after["results"]["natural"][
+        "synthetic"]["all"]
+    assert after["adherence"]["budget"]["targets"] == [32]
+
+
+TWO_RANKS = ["tiny_cpu_adaptthink.yaml", "tiny_cpu_tlmre.yaml", "tiny_cpu_l1_exact.yaml", "tiny_cpu_l1_max.yaml"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("recipe", TWO_RANKS)
+def test_baseline_on_two_data_parallel_ranks(tmp_path, recipe):
+    """Two DP ranks: each generates and scores its half of the prompts (TLMRE's batch whitening all-reduces
+    its moments; AdaptThink's R_ref pass splits the problems and gathers the table)."""
+    extra = ["algo.tlmre.batch_whiten=true"] if "tlmre" in recipe else []
+    out = finish(launch(small_run(recipe, tmp_path, tmp_path / "warmup", "cluster.gpus_per_node=2", *extra), nproc=2))
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["rollout/samples"] == 32
+    assert_finite_metrics(metrics)
+    # The policy moved wherever some advantage was not zero (TLMRE gives none when no answer is correct).
+    assert all(m["train/grad_norm"] > 0 for m in metrics if (m["advantage/min"], m["advantage/max"]) != (0, 0))
+    assert all(math.isfinite(m["train/loss"]) for m in metrics)
+    assert "Traceback" not in out
