@@ -93,6 +93,8 @@ def world(tmp_path_factory):
     runtime.configure()
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml")
     parallel.initialize(recipe.parallel, recipe.train.seed)
+    # The world of one stays out of the environment: later tests' tools and torchruns inherit it.
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
     tokenizer, hf_config = load_tokenizer_and_config(recipe.model, recipe.data)
     with AnswerVerifier(num_workers=1) as verifier:
         yield tokenizer, hf_config, verifier

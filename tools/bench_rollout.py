@@ -133,6 +133,11 @@ def worker_plain(args: argparse.Namespace) -> None:
     runtime.configure(megatron=False)  # before vLLM is imported: the engine in this process, as the job's
     import torch.distributed as dist
     from vllm import LLM, SamplingParams
+
+    if args.world > 1:
+        # As in the job, the process group exists before the engine (vLLM's external launcher joins it;
+        # starting it alone it would size its world by T alone).
+        dist.init_process_group("gloo")
     work = Path(args.work)
     recipe = _recipe(args.config, args.overrides, args.world, args.tp, work)
     rank = int(os.environ.get("RANK", "0"))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
 _enabled = False
+_mode: _CudaToCpu | None = None
 
 
 def _is_cuda(device: object) -> bool:
@@ -94,7 +96,9 @@ def enable() -> bool:
     }
     for name, value in patches.items():
         setattr(torch.cuda, name, value)
-    _CudaToCpu().__enter__()  # stays on for the life of the process
+    global _mode
+    _mode = _CudaToCpu()
+    _mode.__enter__()  # stays on for the life of the process (this thread), but see `suspended`
     # Activation recomputation saves "the CUDA RNG state" to replay dropout; the CPU generator is
     # the only one here, and Megatron saves and restores it on its own (its CUDA-state setter is a
     # deferred call that never runs without CUDA).
@@ -118,3 +122,20 @@ def enable() -> bool:
 
 def is_enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Run a block without the device mode: every torch call made under a TorchFunctionMode takes a
+    trip through Python, which made vLLM's CPU decoding of the tiny model 5-10x slower inside the
+    training process than alone (tools/bench_rollout.py). Only for code that never asks for cuda
+    (vLLM's generation on CPU); Megatron keeps the mode."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if _mode is None or not stack or stack[-1] is not _mode:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()

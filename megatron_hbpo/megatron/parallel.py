@@ -24,12 +24,15 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
         raise RuntimeError("Megatron on CPU needs the CPU shims: call megatron_hbpo.runtime.configure() at the "
                            "start of the program, before parallel.initialize")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="gloo" if on_cpu else "nccl")
+        backend = "gloo" if on_cpu else "nccl"
+        if "RANK" in os.environ:  # torchrun's env://
+            dist.init_process_group(backend=backend)
+        else:  # plain `python`: a world of one. Not through os.environ: a child process (a tool, a
+            # torchrun) would inherit RANK and this process's MASTER_PORT and fail to bind it.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

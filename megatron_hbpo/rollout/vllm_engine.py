@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hbpo.convert.mapping import expected_hf_shapes
+from megatron_hbpo.megatron import cpu
 from megatron_hbpo.rollout.engine import Request, Sample, WeightStream
 from megatron_hbpo.runtime import require_in_process_vllm, vllm_options
 
@@ -225,8 +226,9 @@ class VLLMEngine:
             raise RuntimeError("the rollout engine is asleep; call wake() before generate()")
         params = [SamplingParams(n=r.n, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
                                  max_tokens=r.sampling.max_tokens, logprobs=0) for r in requests]
-        outputs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params,
-                                    use_tqdm=False)
+        with cpu.suspended():  # vLLM's decoding never asks for cuda; the device mode only slows it
+            outputs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params,
+                                        use_tqdm=False)
         samples = []
         for request, output in zip(requests, outputs):
             for completion in output.outputs:

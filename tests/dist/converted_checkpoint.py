@@ -56,7 +56,7 @@ def main() -> int:
                     parallel=PARALLEL[args.mode], cluster=ClusterConfig(gpus_per_node=world),
                     train=TrainConfig(prompts_per_step=1, mini_batch_prompts=1, micro_batch_tokens=128, total_steps=1))
     recipe.rollout.max_prompt_length, recipe.rollout.max_response_length, recipe.algo.budgets = 32, 96, [32]
-    recipe.rollout.n_rollouts = 1
+    recipe.rollout.n_rollouts, recipe.rollout.tensor_parallel_size = 1, world  # one replica for the one prompt
     validate(recipe, world)
     policy = MegatronPolicy(hf_config, recipe.model, recipe.parallel, recipe.optimizer,
                             micro_batch_tokens=recipe.train.micro_batch_tokens, optimizer_steps=1)
