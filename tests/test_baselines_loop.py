@@ -122,7 +122,7 @@ def make_trainer(world, root, recipe_name: str, *overrides: str):  # noqa: F811
     engine = BaselineEngine(tokenizer, policy, recipe.rollout.temperature)
     assert isinstance(engine, RolloutEngine)
     trainer, _ = build_trainer(recipe, policy=policy, hf_config=hf_config, tokenizer=tokenizer, engine=engine,
-                               verifier=verifier, engine_rank=0, source=PromptSource(recipe.data, t.seed),
+                               verifier=verifier, source=PromptSource(recipe.data, t.seed),
                                log=lambda _: None)
     return trainer, engine, recipe
 
