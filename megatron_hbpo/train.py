@@ -61,8 +61,10 @@ def _log_rank0_err(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_tokenizer_and_config(model: ModelConfig, data: DataConfig) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
-    """(tokenizer, transformers config) of the policy, from the recipe's model and data sections."""
+def load_tokenizer_and_config(model: ModelConfig, data: DataConfig, *, summary_markers: bool = False
+                              ) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
+    """(tokenizer, transformers config) of the policy, from the recipe's model and data sections.
+    summary_markers: the synthetic task's tokenizer with the forced-summary words (the anytime recipes)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from megatron_hbpo.megatron.model import check_hf_config, hf_config_from_recipe
@@ -70,7 +72,7 @@ def load_tokenizer_and_config(model: ModelConfig, data: DataConfig) -> tuple[Pre
     if data.source == "synthetic":
         from megatron_hbpo.data.synthetic import task_tokenizer
 
-        tokenizer = task_tokenizer()
+        tokenizer = task_tokenizer(summary_markers=summary_markers)
         hf_config = hf_config_from_recipe(model)
     else:
         path = model.tokenizer_path or model.hf_path  # validate() made sure one is set
@@ -197,7 +199,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
     m, r, t, a, e = recipe.model, recipe.rollout, recipe.train, recipe.algo, recipe.eval
     source = PromptSource(recipe.data, t.seed, log=_log_rank0)  # bad data fails here, before any process group
     parallel.initialize(recipe.parallel, t.seed)
-    tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data)
+    tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data, summary_markers=recipe.tree_rows)
     run_dir = Path(recipe.logging.dir)
     warmup_weights = run_warmup(recipe.warmup, model=m, parallel=recipe.parallel, optimizer=recipe.optimizer,
                                 data=recipe.data, algo=a, micro_batch_tokens=t.micro_batch_tokens,
@@ -205,7 +207,8 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                                 log=_log_rank0) if recipe.warmup.steps else None
 
     policy = MegatronPolicy(hf_config, m, recipe.parallel, recipe.optimizer, micro_batch_tokens=t.micro_batch_tokens,
-                            optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts))
+                            optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts),
+                            tree_rows=recipe.tree_rows)
     load_base_weights(m, policy, hf_config, warmup_weights)
     rollout_dir = Path(m.hf_path) if m.hf_path else run_dir / "rollout_model"
     if not m.hf_path:
@@ -270,6 +273,7 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
     import torch.distributed as dist
 
     from megatron_hbpo.algo.methods import method_for
+    from megatron_hbpo.components.anytime_rollouts import AnytimeRolloutWorker
     from megatron_hbpo.components.checkpointer import CheckpointManager
     from megatron_hbpo.components.evaluator import Evaluator
     from megatron_hbpo.components.metrics import MetricsLogger
@@ -294,8 +298,10 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
         Schedule(recipe.name, t.total_steps, t.prompts_per_step, t.mini_batch_prompts, t.seed,
                  recipe.logging.mismatch_threshold),
         policy=policy, method=method, source=source,
-        rollouts=RolloutWorker(r, method, prompts, think_close=a.think_close, layout=recipe.rollout_layout,
-                               engine=engine, verifier=verifier, seed=t.seed),
+        # Two-phase rollouts for the methods that pack tree rows (AnytimeReasoner), one phase otherwise.
+        rollouts=(AnytimeRolloutWorker if recipe.tree_rows else RolloutWorker)(
+            r, method, prompts, think_close=a.think_close, layout=recipe.rollout_layout, engine=engine,
+            verifier=verifier, seed=t.seed),
         refitter=Refitter(policy.model[0], hf_config, engine, bucket_bytes=r.refit_bucket_mb << 20),
         guard=RefitGuard(r.refit_check, m.params_dtype),
         checkpoints=CheckpointManager(recipe.checkpoint, policy, total_steps=t.total_steps, log=log),
