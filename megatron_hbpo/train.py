@@ -23,6 +23,7 @@ torchrun itself then exits 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -249,6 +250,11 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                 import json
 
                 atomic.write_json(after_path, after)
+                if recipe.tree_rows:
+                    _anytime_summary(recipe, json.loads(before_path.read_text()), after, run_dir)
+                    dist.barrier()
+                    engine.close()
+                    return 0
                 summary = build_summary(json.loads(before_path.read_text()), after,
                                         wall_seconds=time.perf_counter() - wall_start, recipe=recipe.name,
                                         algo=a.name, center_intra=a.center_intra, steps=t.total_steps)
@@ -293,7 +299,8 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
                               modes=list(dict.fromkeys([*method.eval_modes(), *e.modes])),
                               benchmark="synthetic" if recipe.data.source == "synthetic" else "eval",
                               max_tokens=r.max_response_length, prompts=prompts, engine=engine, verifier=verifier,
-                              think_close=a.think_close, run_dir=run_dir, layout=recipe.rollout_layout, log=log)
+                              think_close=a.think_close, run_dir=run_dir, layout=recipe.rollout_layout, log=log,
+                              **_anytime_evaluation(recipe, method))
     trainer = Trainer(
         Schedule(recipe.name, t.total_steps, t.prompts_per_step, t.mini_batch_prompts, t.seed,
                  recipe.logging.mismatch_threshold),
@@ -310,6 +317,16 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
         make_logger=lambda start: MetricsLogger(recipe.logging, run_dir, name=recipe.name, start_step=start,
                                                 total_steps=t.total_steps, enabled=dist.get_rank() == 0))
     return trainer, evaluator
+
+
+def _anytime_evaluation(recipe: Recipe, method: Method) -> dict:
+    """The evaluator's acc(b) settings for the anytime method (algo.anytime.eval_budgets, else the training
+    budgets; docs/anytime.md, "Evaluation"); none for the other methods."""
+    if not recipe.tree_rows:
+        return {}
+    c = recipe.algo.anytime
+    return {"anytime_budgets": list(c.eval_budgets or method.budgets),  # type: ignore[attr-defined]
+            "summary_max_tokens": c.summary_max_tokens}
 
 
 def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompts: PromptBuilder, *,
@@ -329,10 +346,30 @@ def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompt
                          run_dir=Path(recipe.logging.dir), seed=recipe.train.seed, log=log)
 
 
+def _anytime_summary(recipe: Recipe, before: dict, after: dict, run_dir: Path) -> None:
+    """summary.json / summary.md / summary.png of an anytime run: acc(b) before and after, and the after curves of
+    logging.compare_with runs that have one (e.g. the GRPO baseline), one line each."""
+    from megatron_hbpo import atomic
+    from megatron_hbpo.evaluation.anytime import anytime_table, is_anytime_document, plot_anytime
+
+    docs = {f"{recipe.name} before": before, f"{recipe.name} after": after}
+    for path in recipe.logging.compare_with:
+        file = Path(path) / "eval_after.json"
+        if file.is_file():
+            other = json.loads(file.read_text())
+            if is_anytime_document(other):
+                docs[f"{Path(path).name} after"] = other
+    table = anytime_table(docs)
+    atomic.write_json(run_dir / "summary.json",
+                      {"recipe": recipe.name, "anytime": {k: v["anytime"] for k, v in docs.items()}})
+    atomic.write_text(run_dir / "summary.md", table)
+    plot_anytime(docs, run_dir / "summary.png")
+    _log_rank0(f"acc(b) %, before and after training:\n{table}wrote {run_dir / 'summary.json'}, summary.md, "
+               "summary.png")
+
+
 def _baselines(run_dirs: list[str]) -> dict[str, dict]:
     """Summaries of other runs to draw beside this one (logging.compare_with)."""
-    import json
-
     out = {}
     for path in run_dirs:
         file = Path(path) / "summary.json"

@@ -87,7 +87,8 @@ def summary_sequence(tokenizer: PreTrainedTokenizerBase, rng: random.Random, pro
     """A warm-up example in AnytimeReasoner's format: thinking (up to and including `</think>`), the forced
     insert, the boxed answer and eos. With probability cut_fraction the thinking stops after a random number
     of its tokens and the truncation insert closes it, as a forced summary's prompt does (docs/anytime.md);
-    the answer is then still the problem's, so the model learns to finish from what it has computed. The
+    the answer is then the problem's, so the model learns to finish from what it has computed (a whole chain
+    keeps its own answer, errors included). The
     inserted tokens are context (not trained), as in the RL loss."""
     from megatron_hbpo.algo import anytime
 
@@ -95,10 +96,12 @@ def summary_sequence(tokenizer: PreTrainedTokenizerBase, rng: random.Random, pro
     thinking = tokenizer(response[:close], add_special_tokens=False)["input_ids"]
     truncation, final_answer = anytime.summary_insert_ids(tokenizer)
     inserted = list(final_answer)
+    answer_text = response[close:]  # the chain's own "\\boxed{d}": an unchecked error carries into it
     if rng.random() < cut_fraction and len(thinking) > 1:
         thinking = thinking[:rng.randrange(1, len(thinking))]
         inserted = [*truncation, *final_answer]
-    summary = tokenizer(f"\\boxed{{{answer}}}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer_text = f"\\boxed{{{answer}}}"
+    summary = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     response_ids = [*thinking, *inserted, *summary]
     trainable = torch.tensor([True] * len(thinking) + [False] * len(inserted) + [True] * len(summary))
     return PolicySequence(tokens=prompt_ids + response_ids, prompt_length=len(prompt_ids), trainable=trainable)

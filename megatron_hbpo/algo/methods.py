@@ -349,6 +349,31 @@ class SummaryPlan:
     inserted: list[int]
 
 
+def plan_summaries(prompt_ids: Sequence[int], thinking_ids: Sequence[int], *, budgets: Sequence[int],
+                   thinking_budget: int, n_summaries: int, group_id: int, sampling: SamplingSettings,
+                   think_end_id: int, eos_id: int, truncation_ids: Sequence[int],
+                   final_answer_ids: Sequence[int]) -> SummaryPlan:
+    """One request per distinct cut min(b_j, L) of one thinking sample (a prefix shared by k slots is asked for
+    once, n = k * n_summaries), its prompt x + z[:c] + inserts built from ids (docs/anytime.md, "Rollout
+    procedure"). Training uses the training budgets and A; evaluation any grid and one summary per budget.
+    thinking_budget: the generation cap b_m, which tells a cut-off thinking from one that stopped."""
+    from megatron_hbpo.algo import anytime
+
+    ending = anytime.thinking_ending(thinking_ids, think_end_id=think_end_id, eos_id=eos_id,
+                                     thinking_budget=thinking_budget)
+    cuts = anytime.cut_points(len(thinking_ids), budgets)
+    requests, slots, inserted = [], [], []
+    for cut in dict.fromkeys(cuts):
+        shared = [j for j, c in enumerate(cuts) if c == cut]
+        ids, n_inserted, _ = anytime.summary_prompt(
+            prompt_ids, thinking_ids, cut, ending, truncation_ids=truncation_ids, final_answer_ids=final_answer_ids)
+        requests.append(Request(prompt_ids=ids, n=len(shared) * n_summaries, budget=None, sampling=sampling,
+                                group_id=group_id, mode=NATURAL))
+        slots.append(shared)
+        inserted.append(n_inserted)
+    return SummaryPlan(ending=ending, cuts=cuts, requests=requests, slots=slots, inserted=inserted)
+
+
 @dataclass
 class Anytime(_PromptModes):
     """AnytimeReasoner / BRPO (docs/anytime.md): two-phase rollouts (thinking stopped at `</think>` or b_m,
@@ -375,33 +400,23 @@ class Anytime(_PromptModes):
         """Phase 1: at most b_m tokens, stopping at `</think>` (kept as the last thinking token) or EOS."""
         return dataclasses.replace(sampling, max_tokens=self.thinking_budget, stop_token_ids=(think_end_id,))
 
+    def eval_modes(self) -> list[str]:
+        """None: the anytime method is evaluated by acc(b) on a budget grid (components/evaluator.py), not by
+        free generation, whose text after `</think>` it never learns (the inserts are context)."""
+        return []
+
     def summary_sampling(self, sampling: SamplingSettings) -> SamplingSettings:
         """Phase 2: the thinking's temperature and top_p, at most summary_max_tokens, only EOS stops."""
         return dataclasses.replace(sampling, max_tokens=self.algo.anytime.summary_max_tokens, stop_token_ids=())
 
     def summary_plan(self, prompt_ids: Sequence[int], thinking_ids: Sequence[int], *, group_id: int,
                      sampling: SamplingSettings, think_end_id: int, eos_id: int, truncation_ids: Sequence[int],
-                     final_answer_ids: Sequence[int], n_summaries: int | None = None,
-                     budgets: Sequence[int] | None = None) -> SummaryPlan:
-        """One request per distinct cut of one thinking sample (shared prefixes are asked for once, n = k * A).
-        `budgets` / `n_summaries`: the evaluation's grid and A = 1 instead of the training ones."""
-        from megatron_hbpo.algo import anytime
-
-        budgets = list(budgets or self.budgets)
-        a = n_summaries or self.algo.anytime.n_summaries
-        ending = anytime.thinking_ending(thinking_ids, think_end_id=think_end_id, eos_id=eos_id,
-                                         thinking_budget=self.thinking_budget)
-        cuts = anytime.cut_points(len(thinking_ids), budgets)
-        requests, slots, inserted = [], [], []
-        for cut in dict.fromkeys(cuts):
-            shared = [j for j, c in enumerate(cuts) if c == cut]
-            ids, n_inserted, _ = anytime.summary_prompt(
-                prompt_ids, thinking_ids, cut, ending, truncation_ids=truncation_ids, final_answer_ids=final_answer_ids)
-            requests.append(Request(prompt_ids=ids, n=len(shared) * a, budget=None, sampling=sampling,
-                                    group_id=group_id, mode=NATURAL))
-            slots.append(shared)
-            inserted.append(n_inserted)
-        return SummaryPlan(ending=ending, cuts=cuts, requests=requests, slots=slots, inserted=inserted)
+                     final_answer_ids: Sequence[int]) -> SummaryPlan:
+        """Phase 2 of one thinking sample at the training budgets, A summaries per slot (`plan_summaries`)."""
+        return plan_summaries(prompt_ids, thinking_ids, budgets=self.budgets, thinking_budget=self.thinking_budget,
+                              n_summaries=self.algo.anytime.n_summaries, group_id=group_id, sampling=sampling,
+                              think_end_id=think_end_id, eos_id=eos_id, truncation_ids=truncation_ids,
+                              final_answer_ids=final_answer_ids)
 
     def rewards_and_advantages(self, rollouts: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
         """([N] the prior-weighted return of each thinking sample, [N, m + m * A] its thinking advantage per
