@@ -283,6 +283,8 @@ class AnytimeConfig:
     loss_normalizer: int = bounded(ANYTIME_LOSS_NORMALIZER, ge=1)
     loss_aggregation: Literal["constant", "token_mean"] = "constant"
     clip_eps: float = bounded(ANYTIME_CLIP_EPS, gt=0, lt=1)
+    # The upper clip, when it differs (the paper's 7B run uses DAPO's clip-higher); null: clip_eps.
+    clip_eps_high: float | None = bounded(None, gt=0)
     # acc(b) during training (eval.interval, eval.before_after): these budgets, default the training ones.
     eval_budgets: list[int] = bounded(items_gt=0, default_factory=list)
 

@@ -236,6 +236,7 @@ class AnytimeLoss:
     temperature: float
     clip_eps: float = 0.2
     loss_normalizer: int = 10176
+    clip_eps_high: float | None = None  # DAPO's clip-higher (the paper's 7B run); None: clip_eps
     aggregation: str = "constant"
     needs_logp_old: bool = True
     metric_names: tuple[str, ...] = ("clipped_tokens",)
@@ -243,7 +244,8 @@ class AnytimeLoss:
     def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput:
         assert batch.logp_old is not None  # MegatronPolicy checks needs_logp_old before the step
         out = clipped_policy_loss(logp, batch.logp_old, batch.advantages, batch.response_mask,
-                                  clip_eps_low=self.clip_eps, clip_eps_high=self.clip_eps, dual_clip_c=math.inf)
+                                  clip_eps_low=self.clip_eps, dual_clip_c=math.inf,
+                                  clip_eps_high=self.clip_eps if self.clip_eps_high is None else self.clip_eps_high)
         if self.aggregation == "constant":
             rows = batch.rows if batch.rows is not None else torch.ones(logp.shape[0])
             normalizer = (rows.sum() * self.loss_normalizer).to(device=logp.device, dtype=torch.long)

@@ -442,7 +442,7 @@ class Anytime(_PromptModes):
     def loss(self) -> PolicyLoss:
         c = self.algo.anytime
         return AnytimeLoss(temperature=self.temperature, clip_eps=c.clip_eps, loss_normalizer=c.loss_normalizer,
-                           aggregation=c.loss_aggregation)
+                           aggregation=c.loss_aggregation, clip_eps_high=c.clip_eps_high)
 
     def step_metrics(self, rollouts: ScoredRollouts) -> dict[str, float]:
         """docs/anytime.md "Diagnostics": acc(b), format rate and thinking length per training budget, and the
