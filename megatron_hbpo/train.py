@@ -330,7 +330,7 @@ def _anytime_evaluation(recipe: Recipe, method: Method) -> dict:
 
 
 def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompts: PromptBuilder, *,
-                    engine: RolloutEngine | None, verifier: AnswerVerifier | None,
+                    engine: RolloutEngine, verifier: AnswerVerifier | None,
                     log: Callable[[str], None]) -> ReferencePass | None:
     """The method's base-model measurement as a component (AdaptThink's R_ref), None if it needs none."""
     from megatron_hbpo.components.reference import ReferencePass, reference_problems
@@ -343,7 +343,8 @@ def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompt
     return ReferencePass(spec, reference_problems(spec, recipe.data, source.rows, recipe.train.seed),
                          SamplingSettings(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length),
                          prompts, engine, verifier, think_open=a.think_open, think_close=a.think_close,
-                         run_dir=Path(recipe.logging.dir), seed=recipe.train.seed, log=log)
+                         run_dir=Path(recipe.logging.dir), seed=recipe.train.seed,
+                         layout=recipe.rollout_layout, log=log)
 
 
 def _anytime_summary(recipe: Recipe, before: dict, after: dict, run_dir: Path) -> None:
