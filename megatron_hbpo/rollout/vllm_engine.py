@@ -151,13 +151,21 @@ def _quiet_rotary_reload_warning() -> None:
 
 
 def _new_shared_memory(before: set[str]) -> list[str]:
-    """Shared-memory segments vLLM created since `before`: the CPU backend's tensor-parallel buffers
-    (named after the group, not the job) outlive a process that did not shut its engine down."""
+    """Shared-memory segments this process's engine owns: the CPU backend's tensor-parallel buffers
+    (named after the group, not the job; vLLM never removes them) created since `before`, and the
+    message queues this process created. Another rank's queue appears in /dev/shm too, but only its
+    creator may remove it: removed early, the creator's own cleanup fails with a traceback at exit."""
+    import gc
+
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
     try:
-        return sorted(name for name in set(os.listdir("/dev/shm")) - before
-                      if "cpushm" in name or name.startswith("psm_"))
+        buffers = [name for name in set(os.listdir("/dev/shm")) - before if "cpushm" in name]
     except FileNotFoundError:
-        return []
+        buffers = []
+    queues = [q.shared_memory.name.lstrip("/") for q in gc.get_objects()
+              if isinstance(q, MessageQueue) and getattr(q, "is_creator", False) and hasattr(q, "shared_memory")]
+    return sorted({*buffers, *queues})
 
 
 def _unlink_shared_memory(names: list[str]) -> None:
