@@ -121,6 +121,7 @@ def small_run(recipe: str, root, warmup, *extra: str) -> list[str]:
             "algo.adaptthink.ref_samples=4", *extra]
 
 
+@pytest.mark.slow  # the default suite runs every method in-process (tests/test_baselines_loop.py)
 def test_adaptthink_tiny_recipe_end_to_end(tmp_path):
     """The default suite's end-to-end run of a baseline: AdaptThink, whose path differs most from HBPO's
     (R_ref through the harness, forced tokens through vLLM, the sequence-mean loss), with evaluation."""

@@ -104,6 +104,7 @@ def test_local_launch_runs_the_given_torchrun_and_reports_its_outcome(tmp_path: 
 
 
 @pytest.mark.skipif(not (TRAIN_BIN / "torchrun").exists(), reason="needs the training environment (`make setup`)")
+@pytest.mark.slow  # the default suite checks the launch command in dry runs; this one trains
 def test_local_launch_of_the_tiny_recipe_trains_one_step(tmp_path: Path) -> None:
     # Issue 7: NeMo-Run's LocalExecutor -> the training env's torchrun -> the trainer (gloo, vLLM-cpu),
     # for one HBPO step after a 40-step warm-up; every output under tmp_path. One process keeps CI

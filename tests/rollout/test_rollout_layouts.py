@@ -19,7 +19,9 @@ LAYOUTS = {  # name: (torchrun arguments, rollout replicas)
 }
 # Multi-rank vLLM is slow on 2 cores: the default run keeps the layout that used to deadlock at start
 # (training TP 2, an engine on every rank); the others run with `make test-slow`.
-FAST = {"tp2-training_two-replicas-t1"}
+# All slow: the default suite trains in two of these layouts (tests/test_trainer.py, TP2 with one
+# replica of T=2 and PP2 with two replicas of T=1), which checks rollouts, gathering and refit there.
+FAST: set[str] = set()
 
 
 @pytest.fixture(scope="module")
