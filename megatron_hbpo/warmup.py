@@ -124,8 +124,10 @@ def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelCo
     out.mkdir(parents=True, exist_ok=True)
     save_weights(policy.model[0], weights)
     if dist.get_rank() == 0:
+        seconds = time.perf_counter() - start
+        # tokens_per_s: the machine's speed on a fixed workload, the reference a run's time is read against.
         atomic.write_json(out / FINGERPRINT_FILE, {"fingerprint": expected, "steps": w.steps, "final_loss": final_loss,
-                                                   "seconds": time.perf_counter() - start})
+                                                   "seconds": seconds, "tokens_per_s": tokens / seconds})
     dist.barrier()
     del policy
     return weights

@@ -156,6 +156,12 @@ def test_one_rank_run_trains_and_writes_everything(reference, tmp_path):
     assert (root / "run" / "summary.png").stat().st_size > 1000
     assert any(p.name.startswith("events.") for p in (root / "run" / "tensorboard").iterdir())
     assert "warm-up step 40/40" in out
+    # The run's time split and its reference workload (the warm-up's tokens/s, trained in this run).
+    timing = summary["timing"]
+    assert timing["total_s"] >= timing["warm-up_s"] + timing["evaluations_s"] + timing["training steps_s"] > 0
+    assert timing["warmup_tokens_per_s"] > 0 and timing["warmup_trained_here"]
+    assert re.search(r"^time: \d+ s in all \(warm-up \d+ s, evaluations \d+ s, training steps \d+ s, other -?\d+ s\); "
+                     r"reference workload: the warm-up at \d+ response tok/s \(this run\)$", out, re.M)
 
 
 def test_a_run_prints_no_library_noise(reference):
