@@ -164,6 +164,26 @@ def test_one_rank_run_trains_and_writes_everything(reference, tmp_path):
                      r"reference workload: the warm-up at \d+ response tok/s \(this run\)$", out, re.M)
 
 
+@pytest.mark.slow
+def test_probe_modes_scores_the_same_chain_in_every_mode(reference, tmp_path):
+    """tools/probe_modes.py (the natural-mode drift evidence, README) on the reference run's base and last
+    checkpoint: a slip rate and a chain log-probability per mode and level, before and after."""
+    root, warmup, _ = reference
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "probe_modes.py"), "--base", str(warmup / "weights"),
+                           "--step", str(root / "ck" / "step_0000004"), "--problems", "3", "--out",
+                           str(tmp_path / "probe.json")], env=PYTHON_ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    modes = ["natural", "budget:16", "budget:32", "budget:48", "budget:64"]
+    for when in ("base", "trained"):
+        assert list(probe[when]) == modes and all(set(probe[when][m]) == {"1", "2", "3", "4"} for m in modes)
+        assert all(0 <= c["slip_rate"] <= 1 and c["chain_logp"] < 0
+                   for m in modes for c in probe[when][m].values())
+    assert probe["base"] != probe["trained"]
+    assert sum(line.startswith("| natural ") for line in proc.stdout.splitlines()) == 2
+
+
 def test_a_run_prints_no_library_noise(reference):
     """runtime.configure filters the known-harmless warnings and log lines (23 of them before the first
     step's progress line before it did, 0 after); --verbose keeps them (the resume test's last run)."""
