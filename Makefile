@@ -72,7 +72,7 @@ real-model-deps: setup
 	$(PY) -m pip install --disable-pip-version-check -q gguf accelerate
 
 real-model-test: real-model-deps
-	$(PY) -m pytest -s tests/test_real_model.py
+	$(PY) -m pytest -s -m slow tests/test_real_model.py
 
 clean-venv:
 	rm -rf $(VENV)

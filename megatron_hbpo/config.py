@@ -35,6 +35,15 @@ from megatron_hbpo.algo.constants import (
     ADHERENCE_SOFT_MARGIN,
     ADV_EPS,
     ALPHA,
+    ANYTIME_CLIP_EPS,
+    ANYTIME_INSERT_ALLOWANCE,
+    ANYTIME_LAM,
+    ANYTIME_LOSS_NORMALIZER,
+    ANYTIME_N_BUDGETS,
+    ANYTIME_N_SUMMARIES,
+    ANYTIME_PRESETS,
+    ANYTIME_SUMMARY_MAX_TOKENS,
+    ANYTIME_THINKING_BUDGET,
     BETA,
     BUDGET_TEMPLATE,
     BUDGETS,
@@ -254,10 +263,37 @@ class AdaptThinkConfig:
 
 
 @dataclass
+class AnytimeConfig:
+    """AnytimeReasoner / BRPO (docs/anytime.md): thinking cut at m budgets, A forced summaries per cut, the
+    BRPO thinking advantage and the decoupled summary advantage. `preset` names one of the paper's
+    configurations (docs/anytime.md, "Named configurations"); it fills the fields it sets unless the recipe
+    or an override sets them itself."""
+
+    preset: str | None = None
+    thinking_budget: int = bounded(ANYTIME_THINKING_BUDGET, ge=1)  # b_m, max thinking tokens
+    n_budgets: int | None = bounded(ANYTIME_N_BUDGETS, ge=1)  # m: b_j = j * b_m / m
+    budgets: list[int] | None = None  # or an explicit strictly increasing list ending at b_m
+    n_summaries: int = bounded(ANYTIME_N_SUMMARIES, ge=1)  # A per (sample, slot)
+    summary_max_tokens: int = bounded(ANYTIME_SUMMARY_MAX_TOKENS, ge=1)
+    prior: Literal["base", "uniform", "linear"] = "base"
+    variance_reduction: Literal["brpo", "v2only", "v1only", "none"] = "brpo"
+    lam: float = bounded(ANYTIME_LAM, gt=0, le=1)
+    summary_method: Literal["brpo", "grpo"] = "brpo"
+    # The loss: sum over trainable tokens / (rows * loss_normalizer) ("constant", Dr.GRPO), or / tokens.
+    loss_normalizer: int = bounded(ANYTIME_LOSS_NORMALIZER, ge=1)
+    loss_aggregation: Literal["constant", "token_mean"] = "constant"
+    clip_eps: float = bounded(ANYTIME_CLIP_EPS, gt=0, lt=1)
+    # The upper clip, when it differs (the paper's 7B run uses DAPO's clip-higher); null: clip_eps.
+    clip_eps_high: float | None = bounded(None, gt=0)
+    # acc(b) during training (eval.interval, eval.before_after): these budgets, default the training ones.
+    eval_budgets: list[int] = bounded(items_gt=0, default_factory=list)
+
+
+@dataclass
 class AlgoConfig:
     """The method and its knobs (docs/method.md, docs/baselines.md); `name` selects it (algo/methods.py)."""
 
-    name: Literal["hbpo", "grpo", "l1_exact", "l1_max", "tlmre", "adaptthink"] = "hbpo"
+    name: Literal["hbpo", "grpo", "l1_exact", "l1_max", "tlmre", "adaptthink", "anytime"] = "hbpo"
     # Token budgets b_1 < ... < b_k; HBPO only (the other methods use none: []).
     budgets: list[int] = bounded(items_gt=0, default_factory=lambda: list(BUDGETS))
     budget_template: str = BUDGET_TEMPLATE
@@ -285,6 +321,7 @@ class AlgoConfig:
     l1: L1Config = field(default_factory=L1Config)
     tlmre: TLMREConfig = field(default_factory=TLMREConfig)
     adaptthink: AdaptThinkConfig = field(default_factory=AdaptThinkConfig)
+    anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
 
 
 @dataclass
@@ -373,6 +410,10 @@ class WarmupConfig:
     prompt_budgets: list[int] = field(default_factory=list)
     # Where the warm-up weights are kept; recipes that share a base (HBPO and its GRPO baseline)
     # point to the same directory and the second one reuses it.
+    # AnytimeReasoner's recipes (algo.name anytime): every answer follows the forced "**Final Answer**" insert,
+    # and this share of the examples stops its thinking at a random token, inserts the truncation marker and
+    # answers anyway (docs/anytime.md, "CPU demonstration"); the inserted tokens are context, not targets.
+    summary_cut_fraction: float = bounded(0.0, ge=0, le=1)
     dir: str | None = None
     seed: int = 4321
 
@@ -450,6 +491,11 @@ class Recipe:
         c = self.cluster
         return rollout_layout(c.world_size, self.rollout.tensor_parallel_size, self.train.prompts_per_step,
                               gpus_per_node=c.gpus_per_node)
+
+    @property
+    def tree_rows(self) -> bool:
+        """Whether the method trains on packed tree rows with two-phase rollouts (AnytimeReasoner)."""
+        return self.algo.name == "anytime"
 
     @property
     def head_dim(self) -> int:
@@ -708,6 +754,73 @@ def _validate_baseline(recipe: Recipe) -> None:
                "set algo.adaptthink.reference=level")
         _check(a.tis_cap is None, "algo.tis_cap", "AdaptThink's sequence-ratio loss has no truncated importance "
                "sampling (docs/baselines.md); set algo.tis_cap=null")
+    elif a.name == "anytime":
+        _validate_anytime(recipe)
+
+
+def anytime_budgets(c: AnytimeConfig) -> list[int]:
+    """The budget support b_1 < ... < b_m of algo.anytime (the same rule as algo/anytime.training_budgets,
+    torch-free for the launcher's environment); ConfigError naming the field."""
+    f = "algo.anytime."
+    if c.budgets is not None:
+        b = list(c.budgets)
+        _check(bool(b) and b[0] >= 1 and all(x < y for x, y in zip(b, b[1:])), f + "budgets",
+               f"must be positive and strictly increasing, got {b}")
+        _check(b[-1] == c.thinking_budget, f + "budgets",
+               f"the last budget {b[-1]} must equal {f}thinking_budget={c.thinking_budget}")
+        _check(c.n_budgets is None or c.n_budgets == len(b), f + "n_budgets",
+               f"{c.n_budgets} does not match the {len(b)} budgets {b}; set it to {len(b)} or null")
+        return b
+    _check(c.n_budgets is not None, f + "n_budgets", "set it (m) or list algo.anytime.budgets")
+    assert c.n_budgets is not None
+    _check(c.thinking_budget % c.n_budgets == 0, f + "n_budgets",
+           f"{c.n_budgets} does not divide {f}thinking_budget={c.thinking_budget}; choose a divisor or list "
+           f"{f}budgets explicitly")
+    step = c.thinking_budget // c.n_budgets
+    return [step * j for j in range(1, c.n_budgets + 1)]
+
+
+def _validate_anytime(recipe: Recipe) -> None:
+    """docs/anytime.md, "Configuration" (the checks of algo/anytime.check_config, torch-free)."""
+    a, r, m, c = recipe.algo, recipe.rollout, recipe.model, recipe.algo.anytime
+    f = "algo.anytime."
+    _check(r.n_rollouts >= 2, "rollout.n_rollouts",
+           f"BRPO compares a prompt's thinking samples and needs G >= 2, got {r.n_rollouts}")
+    budgets = anytime_budgets(c)
+    _check(not (c.summary_method == "grpo" and c.n_summaries != 1), f + "n_summaries",
+           f"summary_method=grpo requires n_summaries=1, got {c.n_summaries}")
+    need = budgets[-1] + len(budgets) * c.n_summaries * (c.summary_max_tokens + ANYTIME_INSERT_ALLOWANCE)
+    _check(r.max_response_length >= need, "rollout.max_response_length",
+           f"{r.max_response_length} cannot hold b_m={budgets[-1]} thinking tokens plus {len(budgets)}x"
+           f"{c.n_summaries} summaries of {c.summary_max_tokens}+{ANYTIME_INSERT_ALLOWANCE} tokens = {need}; raise it "
+           f"or lower {f}n_summaries / {f}summary_max_tokens")
+    _check(m.attention_backend != "te", "model.attention_backend",
+           "the anytime rows need a tree attention mask, which te does not apply; use sdpa (or unfused)")
+    _check(not (m.attention_backend == "auto" and m.transformer_impl == "transformer_engine"),
+           "model.attention_backend", "auto means te with Transformer Engine layers, which cannot apply the anytime "
+           "rows' tree mask; set it to sdpa")
+    _check(recipe.parallel.context_parallel_size == 1, "parallel.context_parallel_size",
+           "the anytime rows are not split over context-parallel ranks; set it to 1")
+    _check(a.tis_cap is None, "algo.tis_cap", "the anytime loss has no truncated importance sampling; set it to null")
+    _check(a.think_close == "</think>", "algo.think_close",
+           f"the forced summaries close the thinking with `</think>` (docs/anytime.md); got {a.think_close!r}")
+    for i, b in enumerate(c.eval_budgets):
+        _check(b <= budgets[-1], f"{f}eval_budgets[{i}]", f"{b} exceeds {f}thinking_budget={budgets[-1]}")
+
+
+def resolve_presets(raw: dict) -> dict:
+    """algo.anytime.preset filled in: the preset's fields (docs/anytime.md, "Named configurations") where the
+    recipe and its overrides leave them unset. A copy; an unknown preset is a ConfigError."""
+    section = raw.get("algo", {}).get("anytime") if isinstance(raw.get("algo"), dict) else None
+    if not isinstance(section, dict) or section.get("preset") is None:
+        return raw
+    name = section["preset"]
+    if name not in ANYTIME_PRESETS:
+        hint = difflib.get_close_matches(str(name), list(ANYTIME_PRESETS), n=1)
+        raise ConfigError(f"algo.anytime.preset: unknown {name!r}; choose one of {', '.join(ANYTIME_PRESETS)}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    filled = {**ANYTIME_PRESETS[name], **section}
+    return _deep_merge(raw, {"algo": {"anytime": filled}})
 
 
 def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
@@ -836,7 +949,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> Recipe:
 
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     try:
-        return _build(Recipe, raw, "")
+        return _build(Recipe, resolve_presets(raw), "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

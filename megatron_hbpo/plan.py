@@ -17,6 +17,9 @@ Per GPU, for the pipeline stage that holds the most (the first or the last), in 
               attention is recomputed ("selective"); "full" recompute keeps 2 h per layer plus one
               layer's working set
   logits      last stage: tokens x padded vocab / TP x 10 bytes (bf16 output, fp32 copy, fp32 exp)
+  tree mask   the anytime method's packed rows (docs/anytime.md): one [rows, 1, s, s] boolean mask per
+              micro-batch, s = max_prompt_length + max_response_length, rows = micro_batch_tokens // s (at
+              least 1), plus the SDPA kernel's additive copy in the params dtype: 3 bytes per pair
   vLLM        the colocated engine's share, gpu_memory_utilization x GPU memory, while it is awake
 Two phases must each fit in 95% of the GPU: training (weights + grads + optimizer + activations +
 logits + 2 GiB runtime) with vLLM asleep (level 2: weights and KV cache freed; the refit reloads
@@ -36,6 +39,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
+from megatron_hbpo.algo.constants import ANYTIME_INSERT_ALLOWANCE
 from megatron_hbpo.config import ConfigError, Recipe, load_recipe
 
 GIB = 2**30
@@ -127,6 +131,9 @@ def plan(recipe: Recipe) -> Plan:
     else:
         activations = tokens * per_token_layer * stage_layers * in_flight / GIB
     logits = tokens * vocab / tp * 10 / GIB
+    row = r.max_prompt_length + r.max_response_length
+    if recipe.tree_rows:  # one tree mask per micro-batch, shared by every layer
+        activations += max(1, t.micro_batch_tokens // row) * row * row * 3 / GIB
 
     gpu_gib = GPU_MEMORY_GIB[gpu]
     usable = gpu_gib * USABLE
@@ -167,6 +174,14 @@ def plan(recipe: Recipe) -> Plan:
     # FLOPs of one step (the whole job), matmuls only, attention included at the mean sequence length.
     budgets = recipe.algo.budgets or [r.max_response_length // 2]
     response = sum(min(b, r.max_response_length) for b in budgets) / len(budgets)
+    generated = response
+    if recipe.tree_rows:  # a row: half the thinking budget on average, then m * A summaries with their inserts
+        from megatron_hbpo.config import anytime_budgets
+
+        c = recipe.algo.anytime
+        branches = len(anytime_budgets(c)) * c.n_summaries
+        response = c.thinking_budget / 2 + branches * (c.summary_max_tokens + ANYTIME_INSERT_ALLOWANCE)
+        generated = c.thinking_budget / 2 + branches * c.summary_max_tokens  # the prefix cache serves the rest
     prompt = r.max_prompt_length / 2
     samples = t.prompts_per_step * r.n_rollouts
     seq = prompt + response
@@ -174,7 +189,7 @@ def plan(recipe: Recipe) -> Plan:
     attention_per_token = 2 * 2 * layers * m.num_attention_heads * d * seq / 2
     forward_per_token = 2 * matmul + attention_per_token
     step = {
-        "rollout": samples * response * forward_per_token / 1e12,
+        "rollout": samples * generated * forward_per_token / 1e12,
         "logp_old": samples * seq * forward_per_token / 1e12,
         "train": samples * seq * 3 * forward_per_token / 1e12,
     }

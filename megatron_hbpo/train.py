@@ -63,8 +63,10 @@ def _log_rank0_err(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_tokenizer_and_config(model: ModelConfig, data: DataConfig) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
-    """(tokenizer, transformers config) of the policy, from the recipe's model and data sections."""
+def load_tokenizer_and_config(model: ModelConfig, data: DataConfig, *, summary_markers: bool = False
+                              ) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
+    """(tokenizer, transformers config) of the policy, from the recipe's model and data sections.
+    summary_markers: the synthetic task's tokenizer with the forced-summary words (the anytime recipes)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from megatron_hbpo.megatron.model import check_hf_config, hf_config_from_recipe
@@ -72,7 +74,7 @@ def load_tokenizer_and_config(model: ModelConfig, data: DataConfig) -> tuple[Pre
     if data.source == "synthetic":
         from megatron_hbpo.data.synthetic import task_tokenizer
 
-        tokenizer = task_tokenizer()
+        tokenizer = task_tokenizer(summary_markers=summary_markers)
         hf_config = hf_config_from_recipe(model)
     else:
         path = model.tokenizer_path or model.hf_path  # validate() made sure one is set
@@ -200,7 +202,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
     m, r, t, a, e = recipe.model, recipe.rollout, recipe.train, recipe.algo, recipe.eval
     source = PromptSource(recipe.data, t.seed, log=_log_rank0)  # bad data fails here, before any process group
     parallel.initialize(recipe.parallel, t.seed)
-    tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data)
+    tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data, summary_markers=recipe.tree_rows)
     run_dir = Path(recipe.logging.dir)
     phases = Timer()  # the run's time split, printed at the end and kept in summary.json
     with phases("warm-up"):
@@ -210,7 +212,8 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                                     log=_log_rank0) if recipe.warmup.steps else None
 
     policy = MegatronPolicy(hf_config, m, recipe.parallel, recipe.optimizer, micro_batch_tokens=t.micro_batch_tokens,
-                            optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts))
+                            optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts),
+                            tree_rows=recipe.tree_rows)
     load_base_weights(m, policy, hf_config, warmup_weights)
     rollout_dir = Path(m.hf_path) if m.hf_path else run_dir / "rollout_model"
     if not m.hf_path:
@@ -252,6 +255,11 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                 after = evaluator.evaluate("after training")
             if dist.get_rank() == 0:
                 atomic.write_json(after_path, after)
+                if recipe.tree_rows:
+                    _anytime_summary(recipe, json.loads(before_path.read_text()), after, run_dir)
+                    dist.barrier()
+                    engine.close()
+                    return 0
                 timing = run_timing(phases.seconds, time.perf_counter() - wall_start, warmup_weights)
                 summary = build_summary(json.loads(before_path.read_text()), after,
                                         wall_seconds=timing["total_s"], timing=timing, recipe=recipe.name,
@@ -303,6 +311,7 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
     import torch.distributed as dist
 
     from megatron_hbpo.algo.methods import method_for
+    from megatron_hbpo.components.anytime_rollouts import AnytimeRolloutWorker
     from megatron_hbpo.components.checkpointer import CheckpointManager
     from megatron_hbpo.components.evaluator import Evaluator
     from megatron_hbpo.components.metrics import MetricsLogger
@@ -322,13 +331,16 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
                               modes=list(dict.fromkeys([*method.eval_modes(), *e.modes])),
                               benchmark="synthetic" if recipe.data.source == "synthetic" else "eval",
                               max_tokens=r.max_response_length, prompts=prompts, engine=engine, verifier=verifier,
-                              think_close=a.think_close, run_dir=run_dir, layout=recipe.rollout_layout, log=log)
+                              think_close=a.think_close, run_dir=run_dir, layout=recipe.rollout_layout, log=log,
+                              **_anytime_evaluation(recipe, method))
     trainer = Trainer(
         Schedule(recipe.name, t.total_steps, t.prompts_per_step, t.mini_batch_prompts, t.seed,
                  recipe.logging.mismatch_threshold),
         policy=policy, method=method, source=source,
-        rollouts=RolloutWorker(r, method, prompts, think_close=a.think_close, layout=recipe.rollout_layout,
-                               engine=engine, verifier=verifier, seed=t.seed),
+        # Two-phase rollouts for the methods that pack tree rows (AnytimeReasoner), one phase otherwise.
+        rollouts=(AnytimeRolloutWorker if recipe.tree_rows else RolloutWorker)(
+            r, method, prompts, think_close=a.think_close, layout=recipe.rollout_layout, engine=engine,
+            verifier=verifier, seed=t.seed),
         refitter=Refitter(policy.model[0], hf_config, engine, bucket_bytes=r.refit_bucket_mb << 20),
         guard=RefitGuard(r.refit_check, m.params_dtype),
         checkpoints=CheckpointManager(recipe.checkpoint, policy, total_steps=t.total_steps, log=log),
@@ -339,8 +351,18 @@ def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: Pretrain
     return trainer, evaluator
 
 
+def _anytime_evaluation(recipe: Recipe, method: Method) -> dict:
+    """The evaluator's acc(b) settings for the anytime method (algo.anytime.eval_budgets, else the training
+    budgets; docs/anytime.md, "Evaluation"); none for the other methods."""
+    if not recipe.tree_rows:
+        return {}
+    c = recipe.algo.anytime
+    return {"anytime_budgets": list(c.eval_budgets or method.budgets),  # type: ignore[attr-defined]
+            "summary_max_tokens": c.summary_max_tokens}
+
+
 def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompts: PromptBuilder, *,
-                    engine: RolloutEngine | None, verifier: AnswerVerifier | None,
+                    engine: RolloutEngine, verifier: AnswerVerifier | None,
                     log: Callable[[str], None]) -> ReferencePass | None:
     """The method's base-model measurement as a component (AdaptThink's R_ref), None if it needs none."""
     from megatron_hbpo.components.reference import ReferencePass, reference_problems
@@ -353,7 +375,30 @@ def _reference_pass(recipe: Recipe, method: Method, source: PromptSource, prompt
     return ReferencePass(spec, reference_problems(spec, recipe.data, source.rows, recipe.train.seed),
                          SamplingSettings(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length),
                          prompts, engine, verifier, think_open=a.think_open, think_close=a.think_close,
-                         run_dir=Path(recipe.logging.dir), seed=recipe.train.seed, log=log)
+                         run_dir=Path(recipe.logging.dir), seed=recipe.train.seed,
+                         layout=recipe.rollout_layout, log=log)
+
+
+def _anytime_summary(recipe: Recipe, before: dict, after: dict, run_dir: Path) -> None:
+    """summary.json / summary.md / summary.png of an anytime run: acc(b) before and after, and the after curves of
+    logging.compare_with runs that have one (e.g. the GRPO baseline), one line each."""
+    from megatron_hbpo import atomic
+    from megatron_hbpo.evaluation.anytime import anytime_table, is_anytime_document, plot_anytime
+
+    docs = {f"{recipe.name} before": before, f"{recipe.name} after": after}
+    for path in recipe.logging.compare_with:
+        file = Path(path) / "eval_after.json"
+        if file.is_file():
+            other = json.loads(file.read_text())
+            if is_anytime_document(other):
+                docs[f"{Path(path).name} after"] = other
+    table = anytime_table(docs)
+    atomic.write_json(run_dir / "summary.json",
+                      {"recipe": recipe.name, "anytime": {k: v["anytime"] for k, v in docs.items()}})
+    atomic.write_text(run_dir / "summary.md", table)
+    plot_anytime(docs, run_dir / "summary.png")
+    _log_rank0(f"acc(b) %, before and after training:\n{table}wrote {run_dir / 'summary.json'}, summary.md, "
+               "summary.png")
 
 
 def _baselines(run_dirs: list[str]) -> dict[str, dict]:

@@ -132,7 +132,8 @@ class Trainer:
             problems = self.source.batch(step - 1, self.schedule.prompts_per_step)
             records = self.rollouts.run(step, problems, timer)  # every prompt group of the step, every rank
             with timer("reward"):
-                rewards, advantages = self.method.rewards_and_advantages(scored_rollouts(records))
+                scored = scored_rollouts(records)
+                rewards, advantages = self.method.rewards_and_advantages(scored)
                 mine = self.my_groups()
                 chosen = [i for i, x in enumerate(records) if x.group_id in mine]
                 sequences = policy_sequences([records[i] for i in chosen], advantages[chosen])
@@ -143,7 +144,7 @@ class Trainer:
             # Rollout vs trainer log-probs over the tokens the engine sampled (a forced first token's
             # rollout log-prob is the sampling scheme's, not the engine's).
             mismatch = mismatch_stats([records[i].sampled_logprobs for i in chosen],
-                                      [logp[records[i].forced:] for i, logp in zip(chosen, logp_old)],
+                                      [records[i].sampled(logp) for i, logp in zip(chosen, logp_old)],
                                       threshold=self.schedule.mismatch_threshold, dp_group=self.dp_group)
             self.guard.observe(step, mismatch["mean_abs"], self.refitter.count)
             with timer("train"):
@@ -151,10 +152,8 @@ class Trainer:
                            for mini in self.mini_batches([records[i] for i in chosen], sequences)]
             with timer("refit"):
                 self.refitter.refit()
-        rows = [{"budget": x.budget, "level": x.level, "length": x.length, "correct": x.correct,
-                 "format_ok": x.format_ok, "truncated": x.truncated, "reward": float(rw), "advantage": float(ad)}
-                for x, rw, ad in zip(records, rewards, advantages)]
-        return step_summary(step, rows, mismatch, results, dict(timer.seconds))
+        rows = [x.metric_row(rw, ad) for x, rw, ad in zip(records, rewards, advantages)]
+        return {**step_summary(step, rows, mismatch, results, dict(timer.seconds)), **self.method.step_metrics(scored)}
 
     # -- pieces ------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 
 from megatron_hbpo import atomic
@@ -50,7 +51,10 @@ def fingerprint(warmup: WarmupConfig, model: ModelConfig, data: DataConfig, algo
     """Everything the warm-up weights depend on (not the RL settings, which may differ between runs)."""
     # prompt_budgets enters resolved, as "budgets"; dir is where, not what.
     fields = {k: v for k, v in dataclasses.asdict(warmup).items() if k not in ("dir", "prompt_budgets")}
-    return {"model": dataclasses.asdict(model), "warmup": fields,
+    summaries = algo.name == "anytime"
+    if not summaries:  # the anytime-only field leaves the other recipes' fingerprints as they were
+        fields.pop("summary_cut_fraction")
+    return {**({"forced_summaries": True} if summaries else {}),"model": dataclasses.asdict(model), "warmup": fields,
             "levels": list(data.synthetic_levels), "budgets": prompt_budgets(warmup, algo),
             "budget_template": algo.budget_template, "think_open": algo.think_open,
             "think_close": algo.think_close, "prompt_template": data.prompt_template,
@@ -71,6 +75,10 @@ def warmup_sequences(prompts: PromptBuilder, rng: random.Random, count: int, war
         response = response_text(problem, style_mix_sample(rng, warmup.style_mix), rng=rng,
                                  error_rate=warmup.error_rate, think_open=algo.think_open if budget is None else "",
                                  think_close=algo.think_close)
+        if algo.name == "anytime":
+            sequences.append(summary_sequence(tokenizer, rng, prompt_ids, response, problem.answer,
+                                              cut_fraction=warmup.summary_cut_fraction))
+            continue
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         sequences.append(PolicySequence(tokens=prompt_ids + response_ids, prompt_length=len(prompt_ids)))
     return sequences
@@ -99,6 +107,31 @@ def chain_scores(policy: MegatronPolicy, prompts: PromptBuilder, problems: list[
         cell["logp"].append(logp.mean().item())
     return {level: {"slip_rate": 1 - sum(c["right"]) / len(c["right"]), "chain_logp": sum(c["logp"]) / len(c["logp"])}
             for level, c in sorted(cells.items())}
+
+
+def summary_sequence(tokenizer: PreTrainedTokenizerBase, rng: random.Random, prompt_ids: list[int], response: str,
+                     answer: str, *, cut_fraction: float) -> PolicySequence:
+    """A warm-up example in AnytimeReasoner's format: thinking (up to and including `</think>`), the forced
+    insert, the boxed answer and eos. With probability cut_fraction the thinking stops after a random number
+    of its tokens and the truncation insert closes it, as a forced summary's prompt does (docs/anytime.md);
+    the answer is then the problem's, so the model learns to finish from what it has computed (a whole chain
+    keeps its own answer, errors included). The
+    inserted tokens are context (not trained), as in the RL loss."""
+    from megatron_hbpo.algo import anytime
+
+    close = response.index("</think>") + len("</think>")
+    thinking = tokenizer(response[:close], add_special_tokens=False)["input_ids"]
+    truncation, final_answer = anytime.summary_insert_ids(tokenizer)
+    inserted = list(final_answer)
+    answer_text = response[close:]  # the chain's own "\\boxed{d}": an unchecked error carries into it
+    if rng.random() < cut_fraction and len(thinking) > 1:
+        thinking = thinking[:rng.randrange(1, len(thinking))]
+        inserted = [*truncation, *final_answer]
+        answer_text = f"\\boxed{{{answer}}}"
+    summary = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = [*thinking, *inserted, *summary]
+    trainable = torch.tensor([True] * len(thinking) + [False] * len(inserted) + [True] * len(summary))
+    return PolicySequence(tokens=prompt_ids + response_ids, prompt_length=len(prompt_ids), trainable=trainable)
 
 
 def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,

@@ -182,16 +182,25 @@ def test_adaptthink_tiny_recipe_end_to_end(tmp_path):
     assert after["adherence"]["budget"]["targets"] == [32]
 
 
-TWO_RANKS = ["tiny_cpu_adaptthink.yaml", "tiny_cpu_tlmre.yaml", "tiny_cpu_l1_exact.yaml", "tiny_cpu_l1_max.yaml"]
+TWO_RANKS = {
+    "adaptthink": ("tiny_cpu_adaptthink.yaml", []),
+    # one rollout replica over both (TP) ranks: its second rank generates the R_ref samples unscored
+    "adaptthink-tp2-one-replica": ("tiny_cpu_adaptthink.yaml", ["parallel.tensor_model_parallel_size=2",
+                                                                 "rollout.tensor_parallel_size=2"]),
+    "tlmre": ("tiny_cpu_tlmre.yaml", ["algo.tlmre.batch_whiten=true"]),
+    "l1-exact": ("tiny_cpu_l1_exact.yaml", []),
+    "l1-max": ("tiny_cpu_l1_max.yaml", []),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("recipe", TWO_RANKS)
-def test_baseline_on_two_data_parallel_ranks(tmp_path, recipe):
-    """Two DP ranks: each generates and scores its half of the prompts (TLMRE's batch whitening all-reduces
-    its moments; AdaptThink's R_ref pass splits the problems and gathers the table)."""
-    extra = ["algo.tlmre.batch_whiten=true"] if "tlmre" in recipe else []
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_baseline_on_two_ranks(tmp_path, name):
+    """Two ranks, every one with an engine: each rollout replica generates its block of the prompts and
+    every rank scores all records (TLMRE's batch whitening over the whole batch); AdaptThink's R_ref
+    pass splits the problems over the replicas and gathers the table."""
+    recipe, extra = TWO_RANKS[name]
     out = finish(launch(small_run(recipe, tmp_path, tmp_path / "warmup", "cluster.gpus_per_node=2", *extra), nproc=2))
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["rollout/samples"] == 32

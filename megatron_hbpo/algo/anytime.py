@@ -17,6 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_hbpo.algo.constants import (
+    ANYTIME_INSERT_ALLOWANCE,
+    ANYTIME_LAM,
+    ANYTIME_LOSS_NORMALIZER,
+    ANYTIME_N_BUDGETS,
+    ANYTIME_N_SUMMARIES,
+    ANYTIME_PRESET_FIELDS,
+    ANYTIME_PRESETS,
+    ANYTIME_SUMMARY_MAX_TOKENS,
+    ANYTIME_THINKING_BUDGET,
+)
 from megatron_hbpo.algo.verify import extract_boxed
 
 if TYPE_CHECKING:
@@ -32,14 +43,13 @@ TRUNCATION_TEXT = "...\n\n...\n\n"  # followed by the `</think>` token
 FINAL_ANSWER_HEADER = "**Final Answer**\n"
 FINAL_ANSWER_INSERT = "\n\n" + FINAL_ANSWER_HEADER
 
-DEFAULT_THINKING_BUDGET = 8000
-DEFAULT_N_BUDGETS = 4
-DEFAULT_N_SUMMARIES = 4
-DEFAULT_SUMMARY_MAX_TOKENS = 118
-DEFAULT_LAM = 0.5
-DEFAULT_LOSS_NORMALIZER = 10176
-# Room per summary for its inserted tokens in the row-length check: 3 + 5 for the R1-Distill tokenizer.
-INSERT_ALLOWANCE = 8
+DEFAULT_THINKING_BUDGET = ANYTIME_THINKING_BUDGET
+DEFAULT_N_BUDGETS = ANYTIME_N_BUDGETS
+DEFAULT_N_SUMMARIES = ANYTIME_N_SUMMARIES
+DEFAULT_SUMMARY_MAX_TOKENS = ANYTIME_SUMMARY_MAX_TOKENS
+DEFAULT_LAM = ANYTIME_LAM
+DEFAULT_LOSS_NORMALIZER = ANYTIME_LOSS_NORMALIZER
+INSERT_ALLOWANCE = ANYTIME_INSERT_ALLOWANCE
 
 EVAL_BUDGET_STEP = 250
 TRAINING_EVAL_BUDGETS = (2000, 4000, 6000, 8000)
@@ -47,19 +57,8 @@ TRAINING_EVAL_BUDGETS = (2000, 4000, 6000, 8000)
 FIELD = "algo.anytime."
 
 # The configurations of docs/anytime.md ("Named configurations"), as algo.anytime field values.
-PRESET_FIELDS = ("n_summaries", "summary_method", "n_budgets", "prior", "variance_reduction")
-PRESETS: dict[str, dict[str, Any]] = {
-    name: dict(zip(PRESET_FIELDS, row, strict=True))
-    for name, row in {
-        "grpo": (1, "grpo", 1, "base", "v2only"),
-        "base": (4, "brpo", 4, "base", "brpo"),
-        "linear": (4, "brpo", 4, "linear", "brpo"),
-        "uniform": (4, "brpo", 4, "uniform", "brpo"),
-        "grpo_linear": (1, "grpo", 4, "linear", "v2only"),
-        "grpo_decouple": (4, "brpo", 4, "base", "v2only"),
-        "grpo_vr": (1, "grpo", 4, "base", "brpo"),
-    }.items()
-}
+PRESET_FIELDS = ANYTIME_PRESET_FIELDS
+PRESETS: dict[str, dict[str, Any]] = ANYTIME_PRESETS
 
 
 def _check_choice(value: str, choices: Sequence[str], field: str) -> None:
@@ -511,3 +510,47 @@ def check_config(
                          f"plus {len(resolved)}x{n_summaries} summaries of {summary_max_tokens}+{INSERT_ALLOWANCE} "
                          f"tokens = {need}; raise it or lower {FIELD}n_summaries / {FIELD}summary_max_tokens")
     return resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# The training row: one thinking sample with its m * A summaries (docs/anytime.md, "Integration")
+# --------------------------------------------------------------------------------------------------
+
+
+def packed_row(
+    thinking_length: int,
+    budgets: Sequence[int],
+    thinking_adv: torch.Tensor,
+    summary_adv: torch.Tensor,
+    cuts: Sequence[int],
+    inserted_lengths: Sequence[int],
+    summary_lengths: Sequence[int],
+) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    """Token-level advantages of one packed row: thinking z, then one span per summary (inserted + generated).
+
+    thinking_adv: [m], the sample's row of `thinking_advantage`; summary_adv: [m * A], its summaries'
+    advantages, slot-major (slot j's A draws are branches j*A .. j*A+A-1); cuts: [m] c_j; inserted_lengths,
+    summary_lengths: [m * A] per branch. Returns (branches: [(context, span)] with `context` the number of
+    response tokens the branch sees before its own span (its cut c_j) and `span` its inserted + generated
+    tokens; advantages [R] float64 over the R = L + sum(spans) response tokens; trainable [R] bool: thinking
+    tokens (each once) and generated summary tokens, not the inserted ones).
+    """
+    m = len(budgets)
+    n_branches = len(inserted_lengths)
+    if len(cuts) != m or len(summary_lengths) != n_branches or n_branches % m or summary_adv.shape != (n_branches,):
+        raise ValueError(f"need {m} cuts and m*A branches with as many inserted/summary lengths and advantages, got "
+                         f"{len(cuts)} cuts, {n_branches}/{len(summary_lengths)} lengths, {tuple(summary_adv.shape)}")
+    per_slot = n_branches // m
+    parts = [thinking_token_advantage(thinking_length, budgets, thinking_adv).to(torch.float64)]
+    masks = [torch.ones(thinking_length, dtype=torch.bool)]
+    branches = []
+    for k, (inserted, generated) in enumerate(zip(inserted_lengths, summary_lengths)):
+        cut = int(cuts[k // per_slot])
+        if not 1 <= cut <= thinking_length or inserted < 1 or generated < 1:
+            raise ValueError(f"branch {k}: cut {cut} of {thinking_length}, {inserted} inserted and {generated} "
+                             "generated tokens; a summary needs a cut inside the thinking and >= 1 of each")
+        branches.append((cut, inserted + generated))
+        parts += [torch.zeros(inserted, dtype=torch.float64),
+                  torch.full((generated,), float(summary_adv[k]), dtype=torch.float64)]
+        masks += [torch.zeros(inserted, dtype=torch.bool), torch.ones(generated, dtype=torch.bool)]
+    return branches, torch.cat(parts), torch.cat(masks)

@@ -52,3 +52,29 @@ ADAPTTHINK_NOTHINKING_TOKEN = "</think>"
 ADAPTTHINK_THINKING_TOKEN = "Alright"
 # Budget adherence: L1's soft-violation margin in tokens (docs/baselines.md, "Budget adherence").
 ADHERENCE_SOFT_MARGIN = 500
+
+# -- AnytimeReasoner / BRPO (docs/anytime.md): the released 1.5B/8k script's settings, read by algo/anytime.py and
+# the recipe's algo.anytime defaults.
+ANYTIME_THINKING_BUDGET = 8000
+ANYTIME_N_BUDGETS = 4
+ANYTIME_N_SUMMARIES = 4
+ANYTIME_SUMMARY_MAX_TOKENS = 118
+ANYTIME_LAM = 0.5
+ANYTIME_LOSS_NORMALIZER = 10176
+ANYTIME_CLIP_EPS = 0.2
+# Room per summary for its inserted tokens in the row-length check: 3 + 5 for the R1-Distill tokenizer.
+ANYTIME_INSERT_ALLOWANCE = 8
+# The named configurations of docs/anytime.md ("Named configurations"), as algo.anytime field values.
+ANYTIME_PRESET_FIELDS = ("n_summaries", "summary_method", "n_budgets", "prior", "variance_reduction")
+ANYTIME_PRESETS: dict[str, dict] = {
+    name: dict(zip(ANYTIME_PRESET_FIELDS, row, strict=True))
+    for name, row in {
+        "grpo": (1, "grpo", 1, "base", "v2only"),
+        "base": (4, "brpo", 4, "base", "brpo"),
+        "linear": (4, "brpo", 4, "linear", "brpo"),
+        "uniform": (4, "brpo", 4, "uniform", "brpo"),
+        "grpo_linear": (1, "grpo", 4, "linear", "v2only"),
+        "grpo_decouple": (4, "brpo", 4, "base", "v2only"),
+        "grpo_vr": (1, "grpo", 4, "base", "brpo"),
+    }.items()
+}

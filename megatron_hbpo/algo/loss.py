@@ -12,6 +12,7 @@ that every split of a mini-batch yields the same gradient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,6 +139,7 @@ class LossBatch(Protocol):
     logp_old: torch.Tensor | None
     logp_ref: torch.Tensor | None
     logp_rollout: torch.Tensor | None
+    rows: torch.Tensor | None  # [b] ones, one per sequence (a packed anytime row counts once)
 
 
 @dataclass
@@ -218,3 +220,35 @@ class SFTLoss:
     def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput:
         mask = batch.response_mask
         return LossOutput(loss_sum=-(logp * mask).sum(), normalizer=mask.sum(), metrics={})
+
+
+@dataclass(frozen=True)
+class AnytimeLoss:
+    """AnytimeReasoner's objective (docs/anytime.md, "Loss"): the clipped surrogate with eps on both sides
+    and no dual clip, no KL, summed over the trainable tokens of each packed row (thinking tokens once,
+    generated summary tokens; per-token advantages), divided by Dr.GRPO's constant N_rows * C
+    (`aggregation="constant"`: each row adds C to the normaliser, which Megatron all-reduces, so every token
+    weighs 1 / (N_rows * C) however the mini-batch is split) or by the token count ("token_mean").
+
+    Metric: clipped_tokens, the clipped trainable tokens per normaliser unit; components/metrics.py turns it
+    into train/clip_fraction (per trained token)."""
+
+    temperature: float
+    clip_eps: float = 0.2
+    loss_normalizer: int = 10176
+    clip_eps_high: float | None = None  # DAPO's clip-higher (the paper's 7B run); None: clip_eps
+    aggregation: str = "constant"
+    needs_logp_old: bool = True
+    metric_names: tuple[str, ...] = ("clipped_tokens",)
+
+    def __call__(self, logp: torch.Tensor, batch: LossBatch) -> LossOutput:
+        assert batch.logp_old is not None  # MegatronPolicy checks needs_logp_old before the step
+        out = clipped_policy_loss(logp, batch.logp_old, batch.advantages, batch.response_mask,
+                                  clip_eps_low=self.clip_eps, dual_clip_c=math.inf,
+                                  clip_eps_high=self.clip_eps if self.clip_eps_high is None else self.clip_eps_high)
+        if self.aggregation == "constant":
+            rows = batch.rows if batch.rows is not None else torch.ones(logp.shape[0])
+            normalizer = (rows.sum() * self.loss_normalizer).to(device=logp.device, dtype=torch.long)
+        else:
+            normalizer = out.num_tokens
+        return LossOutput(loss_sum=out.loss_sum, normalizer=normalizer, metrics={"clipped_tokens": out.clipped_tokens})

@@ -30,7 +30,7 @@ from megatron_hbpo.algo.adaptthink import (
 from megatron_hbpo.algo.advantage import group_normalized_advantage, hierarchical_advantage
 from megatron_hbpo.algo.budgets import assign_budgets
 from megatron_hbpo.algo.l1 import l1_reward, problem_target
-from megatron_hbpo.algo.loss import ClippedLoss, PolicyLoss
+from megatron_hbpo.algo.loss import AnytimeLoss, ClippedLoss, PolicyLoss
 from megatron_hbpo.algo.reward import binary_reward, hbpo_reward
 from megatron_hbpo.algo.tlmre import rloo_advantage, tlmre_reward, whiten_advantages, whitening_moments
 from megatron_hbpo.data.chat import NATURAL, budget_mode, length_mode, mode_length_instruction
@@ -66,6 +66,18 @@ class ScoredRollouts:
     problems: list[str] = field(default_factory=list)
     levels: list[str | None] = field(default_factory=list)
     response_tokens: torch.Tensor | None = None
+    anytime: AnytimeScores | None = None
+
+
+@dataclass
+class AnytimeScores:
+    """The summaries of two-phase rollouts (docs/anytime.md), one entry per thinking sample: rewards and
+    format_ok [N, m, A] (slot j's A draws), cuts [N, m] c_j, thinking_lengths [N] L."""
+
+    rewards: torch.Tensor
+    format_ok: torch.Tensor
+    cuts: torch.Tensor
+    thinking_lengths: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,9 @@ class Method(Protocol):
     def use_reference(self, table: Mapping[str, float]) -> None:
         """Receive that measurement, on every rank, before the first step."""
 
+    def step_metrics(self, rollouts: ScoredRollouts) -> dict[str, float]:
+        """Method-specific metrics of the step's rollouts (AnytimeReasoner's acc(b) and variance diagnostics)."""
+
 
 def _clipped_loss(algo: AlgoConfig, temperature: float) -> ClippedLoss:
     dual_clip_c = algo.dual_clip_c if algo.dual_clip_c is not None else math.inf
@@ -141,6 +156,9 @@ class _PromptModes:
 
     def use_reference(self, table: Mapping[str, float]) -> None:
         raise TypeError(f"{self.name} measures nothing on the base model")
+
+    def step_metrics(self, rollouts: ScoredRollouts) -> dict[str, float]:
+        return {}
 
 
 @dataclass
@@ -318,6 +336,140 @@ class AdaptThink(_PromptModes):
         self.table = dict(table)
 
 
+@dataclass
+class SummaryPlan:
+    """Phase 2 of one thinking sample: which summary request serves which slots (docs/anytime.md,
+    "Rollout procedure"). requests[k] has n = (slots sharing its cut) * A; slots[k] lists those slots in
+    order, so its samples go to them in blocks of A. inserted[k]: the request's inserted token count."""
+
+    ending: str
+    cuts: list[int]
+    requests: list[Request]
+    slots: list[list[int]]
+    inserted: list[int]
+
+
+def plan_summaries(prompt_ids: Sequence[int], thinking_ids: Sequence[int], *, budgets: Sequence[int],
+                   thinking_budget: int, n_summaries: int, group_id: int, sampling: SamplingSettings,
+                   think_end_id: int, eos_id: int, truncation_ids: Sequence[int],
+                   final_answer_ids: Sequence[int]) -> SummaryPlan:
+    """One request per distinct cut min(b_j, L) of one thinking sample (a prefix shared by k slots is asked for
+    once, n = k * n_summaries), its prompt x + z[:c] + inserts built from ids (docs/anytime.md, "Rollout
+    procedure"). Training uses the training budgets and A; evaluation any grid and one summary per budget.
+    thinking_budget: the generation cap b_m, which tells a cut-off thinking from one that stopped."""
+    from megatron_hbpo.algo import anytime
+
+    ending = anytime.thinking_ending(thinking_ids, think_end_id=think_end_id, eos_id=eos_id,
+                                     thinking_budget=thinking_budget)
+    cuts = anytime.cut_points(len(thinking_ids), budgets)
+    requests, slots, inserted = [], [], []
+    for cut in dict.fromkeys(cuts):
+        shared = [j for j, c in enumerate(cuts) if c == cut]
+        ids, n_inserted, _ = anytime.summary_prompt(
+            prompt_ids, thinking_ids, cut, ending, truncation_ids=truncation_ids, final_answer_ids=final_answer_ids)
+        requests.append(Request(prompt_ids=ids, n=len(shared) * n_summaries, budget=None, sampling=sampling,
+                                group_id=group_id, mode=NATURAL))
+        slots.append(shared)
+        inserted.append(n_inserted)
+    return SummaryPlan(ending=ending, cuts=cuts, requests=requests, slots=slots, inserted=inserted)
+
+
+@dataclass
+class Anytime(_PromptModes):
+    """AnytimeReasoner / BRPO (docs/anytime.md): two-phase rollouts (thinking stopped at `</think>` or b_m,
+    then A forced summaries at each of the m cuts), 0/1 summary rewards, the BRPO thinking advantage per
+    budget segment and the decoupled summary advantage, the constant-normaliser clipped loss over packed
+    rows. `algo.anytime.preset` selects the paper's named configurations (GRPO baseline included)."""
+
+    algo: AlgoConfig
+    temperature: float
+    name: str = "anytime"
+
+    def __post_init__(self) -> None:
+        from megatron_hbpo.algo import anytime
+        from megatron_hbpo.config import anytime_budgets
+
+        self.budgets = anytime_budgets(self.algo.anytime)
+        self.prior = anytime.budget_prior(self.algo.anytime.prior, self.budgets)
+
+    @property
+    def thinking_budget(self) -> int:
+        return self.budgets[-1]
+
+    def thinking_sampling(self, sampling: SamplingSettings, think_end_id: int) -> SamplingSettings:
+        """Phase 1: at most b_m tokens, stopping at `</think>` (kept as the last thinking token) or EOS."""
+        return dataclasses.replace(sampling, max_tokens=self.thinking_budget, stop_token_ids=(think_end_id,))
+
+    def eval_modes(self) -> list[str]:
+        """None: the anytime method is evaluated by acc(b) on a budget grid (components/evaluator.py), not by
+        free generation, whose text after `</think>` it never learns (the inserts are context)."""
+        return []
+
+    def summary_sampling(self, sampling: SamplingSettings) -> SamplingSettings:
+        """Phase 2: the thinking's temperature and top_p, at most summary_max_tokens, only EOS stops."""
+        return dataclasses.replace(sampling, max_tokens=self.algo.anytime.summary_max_tokens, stop_token_ids=())
+
+    def summary_plan(self, prompt_ids: Sequence[int], thinking_ids: Sequence[int], *, group_id: int,
+                     sampling: SamplingSettings, think_end_id: int, eos_id: int, truncation_ids: Sequence[int],
+                     final_answer_ids: Sequence[int]) -> SummaryPlan:
+        """Phase 2 of one thinking sample at the training budgets, A summaries per slot (`plan_summaries`)."""
+        return plan_summaries(prompt_ids, thinking_ids, budgets=self.budgets, thinking_budget=self.thinking_budget,
+                              n_summaries=self.algo.anytime.n_summaries, group_id=group_id, sampling=sampling,
+                              think_end_id=think_end_id, eos_id=eos_id, truncation_ids=truncation_ids,
+                              final_answer_ids=final_answer_ids)
+
+    def rewards_and_advantages(self, rollouts: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N] the prior-weighted return of each thinking sample, [N, m + m * A] its thinking advantage per
+        slot followed by its summaries' advantages, slot-major): what AnytimeRecord.policy_sequence packs."""
+        from megatron_hbpo.algo import anytime
+
+        c, s = self.algo.anytime, rollouts.anytime
+        if s is None:
+            raise ValueError("the anytime method scores two-phase rollouts; these records carry no summaries")
+        order, shape = _groups(rollouts.group_ids)
+        rewards = s.rewards[order].reshape(*shape, *s.rewards.shape[1:])  # [P, G, m, A]
+        cuts = s.cuts[order].reshape(*shape, -1)
+        rbar = rewards.mean(-1)
+        thinking = anytime.thinking_advantage(rbar, self.prior, variance_reduction=c.variance_reduction, lam=c.lam)
+        summary = anytime.summary_advantage(rewards, cuts, method=c.summary_method)
+        n = len(order)
+        out = torch.empty(n, thinking.shape[-1] + summary.shape[-2] * summary.shape[-1], dtype=torch.float64)
+        out[order] = torch.cat([thinking.reshape(n, -1), summary.reshape(n, -1)], dim=-1)
+        returns = torch.empty(n, dtype=torch.float64)
+        returns[order] = (rbar * self.prior).sum(-1).reshape(n)
+        return returns, out
+
+    def loss(self) -> PolicyLoss:
+        c = self.algo.anytime
+        return AnytimeLoss(temperature=self.temperature, clip_eps=c.clip_eps, loss_normalizer=c.loss_normalizer,
+                           aggregation=c.loss_aggregation, clip_eps_high=c.clip_eps_high)
+
+    def step_metrics(self, rollouts: ScoredRollouts) -> dict[str, float]:
+        """docs/anytime.md "Diagnostics": acc(b), format rate and thinking length per training budget, and the
+        variance-reduction diagnostics per slot, over the step's groups."""
+        from megatron_hbpo.algo import anytime
+
+        s = rollouts.anytime
+        if s is None:
+            return {}
+        order, shape = _groups(rollouts.group_ids)
+        rbar = s.rewards[order].reshape(*shape, *s.rewards.shape[1:]).mean(-1)
+        lengths = s.thinking_lengths[order].reshape(shape)
+        out = anytime.budget_metrics(s.rewards, s.format_ok, s.cuts, self.budgets)
+        out.update(anytime.variance_diagnostics(rbar, self.prior, lengths, self.budgets, lam=self.algo.anytime.lam))
+        out["anytime/anytime_accuracy"] = anytime.anytime_accuracy([out[f"anytime/acc_b{b}"] for b in self.budgets])
+        return out
+
+
+def _groups(group_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(indices that sort the samples by prompt group, stably; (prompts, G)): every group must have G."""
+    order = torch.argsort(group_ids, stable=True)
+    _, counts = torch.unique(group_ids, return_counts=True)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"every prompt group needs the same number of thinking samples, got {counts.tolist()}")
+    return order, (len(counts), int(counts[0]))
+
+
 def method_for(algo: AlgoConfig, *, l_max: int, temperature: float) -> Method:
     """The method a recipe's `algo` section names; `l_max` is rollout.max_response_length and
     `temperature` the rollout temperature (the loss takes log-probs at it)."""
@@ -331,4 +483,6 @@ def method_for(algo: AlgoConfig, *, l_max: int, temperature: float) -> Method:
         return TLMRE(algo, temperature)
     if algo.name == "adaptthink":
         return AdaptThink(algo, temperature)
+    if algo.name == "anytime":
+        return Anytime(algo, temperature)
     raise ValueError(f"algo.name: unknown method {algo.name!r}")

@@ -19,6 +19,7 @@ from megatron_hbpo import atomic
 from megatron_hbpo.config import EvalConfig
 from megatron_hbpo.data.chat import PromptBuilder
 from megatron_hbpo.data.prompts import PromptRow
+from megatron_hbpo.evaluation.anytime import KIND, anytime_metrics, anytime_table, generate_and_score_anytime
 from megatron_hbpo.evaluation.harness import generate_and_score
 from megatron_hbpo.evaluation.metrics import results_document
 from megatron_hbpo.evaluation.tables import level_table, results_table
@@ -47,6 +48,9 @@ class Evaluator:
     run_dir: Path
     layout: RolloutLayout
     log: Callable[[str], None] = print
+    # The anytime method's acc(b) at these budgets (evaluation/anytime.py), None for the other methods.
+    anytime_budgets: list[int] | None = None
+    summary_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -65,19 +69,29 @@ class Evaluator:
         self.engine.wake()
         records = generate_and_score(self.engine, self.prompts, self.verifier, mine, benchmark=self.benchmark,
                                      modes=self.modes, n=self.cfg.samples_per_problem, sampling=sampling,
-                                     think_close=self.think_close)
+                                     think_close=self.think_close) if self.modes else []
+        anytime_samples = generate_and_score_anytime(
+            self.engine, self.prompts, self.verifier, mine, budgets=self.anytime_budgets,
+            n=self.cfg.samples_per_problem, sampling=sampling, summary_max_tokens=self.summary_max_tokens) \
+            if self.anytime_budgets else []
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records)
-        all_records = [r for part in gathered for r in part]
+        dist.all_gather_object(gathered, (records, anytime_samples))
+        all_records = [r for part in gathered for r in part[0]]
         result = results_document(all_records, label=label, soft_margin=self.cfg.adherence_soft_margin,
                                   settings={"n": self.cfg.samples_per_problem, "temperature": self.cfg.temperature,
                                             "top_p": self.cfg.top_p, "max_tokens": self.max_tokens,
                                             "seed": self.cfg.seed})
-        if dist.get_rank() == 0:
+        if self.anytime_budgets:
+            result[KIND] = {self.benchmark: anytime_metrics([x for part in gathered for x in part[1]],
+                                                            self.anytime_budgets)}
+        if dist.get_rank() == 0 and all_records:
             atomic.write_jsonl(self.run_dir / f"eval_samples_{label.replace(' ', '_')}.jsonl",
                                (r.to_json() for r in _first_per_group(all_records)))
+        tables = (level_table(result) or results_table(result)) if all_records else ""
+        if self.anytime_budgets:
+            tables += "acc(b) %, a forced summary after b thinking tokens:\n" + anytime_table({label: result})
         self.log(f"evaluation {label} ({time.perf_counter() - start:.1f} s; accuracy % / mean response tokens):\n"
-                 + (level_table(result) or results_table(result)))
+                 + tables)
         return result
 
     @staticmethod
@@ -90,6 +104,10 @@ class Evaluator:
                     out.update({f"eval_{mode}_{level}/accuracy": m["accuracy"],
                                 f"eval_{mode}_{level}/mean_tokens": m["tokens"]["mean"],
                                 f"eval_{mode}_{level}/truncation_rate": m["truncation_rate"]})
+        for m in result.get(KIND, {}).values():  # the training task's one benchmark
+            out.update({f"eval_anytime/acc_b{b}": v for b, v in m["acc"].items()})
+            out.update({"eval_anytime/anytime_accuracy": m["anytime_accuracy"],
+                        "eval_anytime/final_accuracy": m["final_accuracy"]})
         return out
 
 

@@ -59,6 +59,9 @@ def step_summary(step: int, rows: Sequence[dict], mismatch: dict[str, float], tr
         weighted = sum((r.loss if name == "loss" else r.metrics.get(name, 0.0))
                        * (r.response_tokens if per_token else r.normalizer) for r in train_results)
         metrics[f"train/{name}"] = weighted / max(tokens if per_token else normalizer, 1)
+    if "clipped_tokens" in train_results[0].metrics:  # a loss whose normaliser is not the token count
+        clipped = sum(r.metrics["clipped_tokens"] * r.normalizer for r in train_results)
+        metrics["train/clip_fraction"] = clipped / max(tokens, 1)
     metrics["train/grad_norm"] = sum(r.grad_norm for r in train_results) / len(train_results)
     metrics["train/lr"] = train_results[-1].lr
     metrics["train/optimizer_steps"] = len(train_results)

@@ -4,8 +4,8 @@ R_ref(x) is the initial model's accuracy on problem x over K Thinking-mode sampl
 "AdaptThink"): each response starts with the forced Thinking token, is sampled like the Thinking
 rollouts (rollout temperature and top_p, cap rollout.max_response_length) and is scored with
 AdaptThink's accuracy rule. It runs through the evaluation harness (evaluation/harness.py), each
-data-parallel rank's engine sampling a slice of the problems, while the engine still holds the base
-weights. The table goes to `<logging.dir>/adaptthink_reference.json` with the settings it was
+rollout replica (rollout/layout.py) sampling a slice of the problems, while the engine still holds
+the base weights. The table goes to `<logging.dir>/adaptthink_reference.json` with the settings it was
 measured with, and a resumed run (or a rerun into the same directory) reads it back instead of
 measuring again.
 
@@ -34,6 +34,7 @@ from megatron_hbpo.data.prompts import PromptRow
 from megatron_hbpo.data.source import synthetic_problems
 from megatron_hbpo.evaluation.harness import generate_and_score
 from megatron_hbpo.rollout.engine import RolloutEngine, SamplingSettings
+from megatron_hbpo.rollout.layout import RolloutLayout
 from megatron_hbpo.seeding import seed_everything
 
 if TYPE_CHECKING:
@@ -63,18 +64,19 @@ def reference_problems(spec: ReferenceSpec, data: DataConfig, train_rows: Sequen
 
 @dataclass
 class ReferencePass:
-    """engine / verifier: on the model-parallel group's engine rank only (None elsewhere)."""
+    """engine: on every rank; verifier: on the first rank of each rollout replica (None elsewhere)."""
 
     spec: ReferenceSpec
     problems: Sequence[PromptRow]
     sampling: SamplingSettings
     prompts: PromptBuilder
-    engine: RolloutEngine | None
+    engine: RolloutEngine
     verifier: AnswerVerifier | None
     think_open: str
     think_close: str
     run_dir: Path
     seed: int
+    layout: RolloutLayout
     log: Callable[[str], None] = print
 
     def settings(self) -> dict:
@@ -94,20 +96,18 @@ class ReferencePass:
             raise FileExistsError(f"{path} holds R_ref measured with other settings ({stored.get('settings')}); "
                                   "delete it or set logging.dir to another directory")
         start = time.perf_counter()
-        from megatron.core import parallel_state
-
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         keys: list[str] = []
         accuracy: list[bool] = []
-        if self.engine is not None:
-            assert self.verifier is not None  # the engine rank has both
-            mine = list(self.problems[dp_rank::dp_size])
-            seed_everything(self.seed, "reference", dp_rank)
-            self.engine.wake()
-            records = generate_and_score(self.engine, self.prompts, self.verifier, mine, benchmark="reference",
-                                         modes=[NATURAL], n=self.spec.samples, sampling=self.sampling,
-                                         think_close=self.think_close, forced_first=self.spec.forced_token)
-            self.engine.sleep()
+        # Every rank of a replica generates (vLLM's TP group); its first rank scores (the others get []).
+        replica = self.layout.replica_of(dist.get_rank())
+        mine = list(self.problems[replica::self.layout.replicas])
+        seed_everything(self.seed, "reference", replica)
+        self.engine.wake()
+        records = generate_and_score(self.engine, self.prompts, self.verifier, mine, benchmark="reference",
+                                     modes=[NATURAL], n=self.spec.samples, sampling=self.sampling,
+                                     think_close=self.think_close, forced_first=self.spec.forced_token)
+        self.engine.sleep()
+        if records:
             tags = [think_tag_counts(r.response, think_open=self.think_open, think_close=self.think_close,
                                      forced_text=self.spec.forced_token) for r in records]
             # A correct record has an answer after `</think>` and is not truncated: correct and well formed.

@@ -62,9 +62,27 @@ class RolloutRecord:
         """The engine's log-probs of the tokens it sampled (a forced first token left out)."""
         return self.logprobs[self.forced:]
 
+    def sampled(self, logp_response: torch.Tensor) -> torch.Tensor:
+        """The trainer's log-probs of the tokens the engine sampled, from its log-probs of every response token
+        of this record's sequence (aligned with `sampled_logprobs`)."""
+        return logp_response[self.forced:]
+
+    def policy_sequence(self, advantage: torch.Tensor) -> PolicySequence:
+        """The sequence the policy trains on, with this record's advantage (a scalar here)."""
+        return PolicySequence(tokens=self.prompt_ids + self.response_ids, prompt_length=len(self.prompt_ids),
+                              advantage=float(advantage), logp_rollout=self.logprobs)
+
+    def metric_row(self, reward: float, advantage: torch.Tensor) -> dict:
+        """The record's row of the step's metrics (components/metrics.step_summary)."""
+        return {"budget": self.budget, "level": self.level, "length": self.length, "correct": self.correct,
+                "format_ok": self.format_ok, "truncated": self.truncated, "reward": float(reward),
+                "advantage": float(advantage)}
+
 
 def scored_rollouts(records: Sequence[RolloutRecord]) -> ScoredRollouts:
     """The records as the method's tensors."""
+    from megatron_hbpo.components.anytime_rollouts import anytime_scores
+
     return ScoredRollouts(
         lengths=torch.tensor([x.length for x in records], dtype=torch.float64),
         correct=torch.tensor([x.correct for x in records]),
@@ -76,13 +94,12 @@ def scored_rollouts(records: Sequence[RolloutRecord]) -> ScoredRollouts:
         forced_texts=[x.forced_text for x in records], problems=[x.problem for x in records],
         levels=[x.level for x in records],
         response_tokens=torch.tensor([len(x.response_ids) for x in records], dtype=torch.float64),
+        anytime=anytime_scores(records),
     )
 
 
 def policy_sequences(records: Sequence[RolloutRecord], advantages: torch.Tensor) -> list[PolicySequence]:
-    return [PolicySequence(tokens=x.prompt_ids + x.response_ids, prompt_length=len(x.prompt_ids),
-                           advantage=float(adv), logp_rollout=x.logprobs)
-            for x, adv in zip(records, advantages)]
+    return [x.policy_sequence(adv) for x, adv in zip(records, advantages)]
 
 
 @dataclass

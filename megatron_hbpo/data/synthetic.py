@@ -42,6 +42,12 @@ WORDS = ["last", "digit", "of", "I", "will", "answer", "the", "question", "withi
 # L1's length sentences (" Think for [maximum] N tokens."), appended after the original vocabulary so
 # that every earlier token keeps its id (and the warm-up, its weights).
 L1_WORDS = ["Think", "for", "maximum"]
+# The forced-summary inserts of AnytimeReasoner ("...\n\n...\n\n</think>" and "\n\n**Final Answer**\n",
+# docs/anytime.md), appended last and only for the anytime recipes (task_tokenizer(summary_markers=True)),
+# so that the other recipes' tokenizer is unchanged.
+# "...", "\n\n" and "**" are one token each, so the inserts are 5 and 6 tokens (R1-Distill's: 5 and 3).
+SUMMARY_WORDS = ["Final", "Answer"]
+SUMMARY_TOKEN_PATTERN = r"\.\.\.|\n\n|\*\*|"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # One token per tag, word (with or without its leading space), digit (idem), sign, or a lone space.
@@ -117,8 +123,9 @@ def response_text(problem: Problem, style: Style, *, rng: random.Random | None =
     return think_open + body + f"{think_close}\\boxed{{{answer}}}"
 
 
-def task_tokenizer() -> Any:
-    """The task's word-level fast tokenizer, with eos/pad `<|endoftext|>` and a chat template."""
+def task_tokenizer(*, summary_markers: bool = False) -> Any:
+    """The task's word-level fast tokenizer, with eos/pad `<|endoftext|>` and a chat template.
+    summary_markers: also the newline and the words of the forced-summary inserts (AnytimeReasoner)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -127,9 +134,12 @@ def task_tokenizer() -> Any:
     vocab_list += [w for word in WORDS + list(TAGS) for w in (word, f" {word}")]
     vocab_list += list("+=;}{.,?!:-*/()%")
     vocab_list += [w for word in L1_WORDS for w in (word, f" {word}")]
+    if summary_markers:
+        vocab_list += ["...", "\n\n", "**", "\n", *(w for word in SUMMARY_WORDS for w in (word, f" {word}"))]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated")
+    pattern = SUMMARY_TOKEN_PATTERN + TOKEN_PATTERN if summary_markers else TOKEN_PATTERN
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                  unk_token="<unk>")

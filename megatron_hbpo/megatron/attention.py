@@ -68,19 +68,34 @@ def shared_prefix_mask(prompt_length: int, branch_lengths: list[int], length: in
     Returns (mask [length, length] bool, True = masked: Megatron's convention; position ids [length]:
     each branch continues from the prompt's last position, padding continues from the row's end).
     """
-    used = prompt_length + sum(branch_lengths)
+    return branch_mask(prompt_length, [(prompt_length, b) for b in branch_lengths], length)
+
+
+def branch_mask(trunk_length: int, branches: list[tuple[int, int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tree-shaped packed row: a causal trunk of `trunk_length` tokens, then branches laid out one after
+    another, branch k = (context, span) seeing the trunk's first `context` tokens and its own earlier tokens
+    (never another branch, nor the trunk beyond `context`), at positions context, context + 1, ...; the
+    rest of the row is padding that attends causally to everything before it.
+
+    This is the anytime row of docs/anytime.md ("Integration"): the trunk is prompt + thinking, a branch
+    is one summary with its inserted tokens, its context the prompt plus the thinking up to its cut.
+    Returns (mask [length, length] bool, True = masked; position ids [length]).
+    """
+    used = trunk_length + sum(span for _, span in branches)
     if used > length:
-        raise ValueError(f"prompt {prompt_length} + branches {branch_lengths} exceed the row length {length}")
+        raise ValueError(f"trunk {trunk_length} + branches {[s for _, s in branches]} exceed the row length {length}")
+    if any(not 0 <= context <= trunk_length for context, _ in branches):
+        raise ValueError(f"a branch's context must lie within the trunk of {trunk_length} tokens, got {branches}")
     lower = torch.ones(length, length, dtype=torch.bool).tril_()
     allowed = torch.zeros(length, length, dtype=torch.bool)
     positions = torch.arange(length)
-    allowed[:prompt_length, :prompt_length] = lower[:prompt_length, :prompt_length]
-    start = prompt_length
-    for branch in branch_lengths:
+    allowed[:trunk_length, :trunk_length] = lower[:trunk_length, :trunk_length]
+    start = trunk_length
+    for context, branch in branches:
         span = slice(start, start + branch)
-        allowed[span, :prompt_length] = True
+        allowed[span, :context] = True
         allowed[span, span] = lower[:branch, :branch]
-        positions[span] = torch.arange(prompt_length, prompt_length + branch)
+        positions[span] = torch.arange(context, context + branch)
         start += branch
     allowed[used:] = lower[used:]
     return ~allowed, positions

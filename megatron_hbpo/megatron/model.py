@@ -144,8 +144,10 @@ def use_transformer_engine(impl: str) -> bool:
 
 
 def transformer_config(hf_config: PretrainedConfig, model: ModelConfig, parallel: ParallelConfig, *, use_te: bool,
-                       variable_seq_lengths: bool = False, initialize: bool = True):
-    """Megatron TransformerConfig for a Qwen2/Llama HF config and the recipe's precision/parallel knobs."""
+                       variable_seq_lengths: bool = False, initialize: bool = True, tree_rows: bool = False):
+    """Megatron TransformerConfig for a Qwen2/Llama HF config and the recipe's precision/parallel knobs.
+    tree_rows: rotary embeddings at per-row position ids (`PositionedRotary`), which TE's fused rope
+    kernel does not take, so it is switched off."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     bf16 = model.params_dtype == "bf16"
@@ -196,7 +198,7 @@ def transformer_config(hf_config: PretrainedConfig, model: ModelConfig, parallel
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
         masked_softmax_fusion=use_te,
-        apply_rope_fusion=use_te,
+        apply_rope_fusion=use_te and not tree_rows,
         persist_layer_norm=use_te,
         **fp8,
     )
@@ -204,11 +206,16 @@ def transformer_config(hf_config: PretrainedConfig, model: ModelConfig, parallel
 
 def build_gpt_model(hf_config: PretrainedConfig, model: ModelConfig, parallel: ParallelConfig, *,
                     pre_process: bool = True, post_process: bool = True, variable_seq_lengths: bool = False,
-                    initialize: bool = True) -> Any:
-    """One pipeline stage of the policy (all of it when PP = 1), on the current device."""
+                    initialize: bool = True, tree_rows: bool = False) -> Any:
+    """One pipeline stage of the policy (all of it when PP = 1), on the current device.
+
+    tree_rows: the model will see packed tree rows (docs/anytime.md, "Integration"): a per-row attention
+    mask, which only the sdpa and unfused backends apply (te builds its causal mask inside the kernel and
+    is refused), and per-row position ids, which Megatron's GPTModel ignores for rope (it always rotates
+    by 0..s-1), so the rotary embedding is wrapped to read them (`PositionedRotary`)."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_hbpo.megatron.attention import layer_spec
+    from megatron_hbpo.megatron.attention import layer_spec, resolve_backend
 
     if hf_config.model_type not in _FAMILY_MODEL_TYPES.values():
         raise ConfigError(f"model.family: unsupported architecture {hf_config.model_type!r}; "
@@ -218,7 +225,11 @@ def build_gpt_model(hf_config: PretrainedConfig, model: ModelConfig, parallel: P
         raise ConfigError("parallel.sequence_parallel: Megatron's local layers do not support it; "
                           "use Transformer Engine layers (GPU) or set it to false")
     config = transformer_config(hf_config, model, parallel, use_te=use_te, variable_seq_lengths=variable_seq_lengths,
-                                initialize=initialize)
+                                initialize=initialize, tree_rows=tree_rows)
+    if tree_rows and resolve_backend(model.attention_backend, use_te=use_te) == "te":
+        raise ConfigError("model.attention_backend: the anytime method's packed rows need a tree attention mask, "
+                          "which te does not apply (causal kernels only); set model.attention_backend to sdpa "
+                          "(or unfused)")
     spec = layer_spec(use_te=use_te, backend=model.attention_backend)
     theta, scaling = rope_settings(hf_config)
     gpt = GPTModel(
@@ -236,7 +247,56 @@ def build_gpt_model(hf_config: PretrainedConfig, model: ModelConfig, parallel: P
     )
     if scaling is not None:
         _set_scaled_rope(gpt, hf_config, scaling)
+    if tree_rows:
+        use_position_ids_for_rope(gpt)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
 
+
+
+class PositionedRotary(torch.nn.Module):
+    """Megatron's rotary embedding at explicit position ids.
+
+    GPTModel computes rope for positions 0..s-1 whatever `position_ids` it is given (they only feed a
+    learned position embedding). A tree row's summaries continue from their cut, not from where they sit
+    in the row, so this module rotates by the ids of the current forward (`positions`, [b, s], set by the
+    pre-hook of `use_position_ids_for_rope`): it returns [s, b, 1, dim], which Megatron's unfused
+    `apply_rotary_pos_emb` broadcasts over heads. For positions 0..s-1 it equals Megatron's [s, 1, 1, dim].
+    """
+
+    def __init__(self, inner: Any):
+        super().__init__()
+        if getattr(inner, "rotary_interleaved", False):
+            raise ConfigError("model: interleaved rotary embeddings are not supported with tree rows")
+        self.inner = inner
+        self.positions: torch.Tensor | None = None
+
+    def get_rotary_seq_len(self, *args: Any, **kwargs: Any) -> int:
+        return self.inner.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: Any = None
+                ) -> torch.Tensor:
+        if self.positions is None:
+            return self.inner(max_seq_len, offset, packed_seq, cp_group)
+        if self.positions.shape[-1] != max_seq_len or offset:
+            raise ValueError(f"position ids of length {self.positions.shape[-1]} for a sequence of {max_seq_len}")
+        inv_freq = self.inner.inv_freq.to(self.positions.device)
+        seq = self.positions.to(inv_freq.dtype)
+        factor = getattr(self.inner, "seq_len_interpolation_factor", None)
+        if factor is not None:
+            seq = seq * (1 / factor)
+        freqs = seq.t().unsqueeze(-1) * inv_freq  # [s, b, dim / 2], as torch.outer in Megatron
+        return torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
+
+
+def use_position_ids_for_rope(gpt: Any) -> None:
+    """Make `gpt` rotate queries and keys by the position ids of each forward call (PositionedRotary)."""
+    rotary = PositionedRotary(gpt.rotary_pos_emb)
+    gpt.rotary_pos_emb = rotary
+
+    def take_positions(module: Any, args: tuple, kwargs: dict) -> None:
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        rotary.positions = positions
+
+    gpt.register_forward_pre_hook(take_positions, with_kwargs=True)

@@ -72,7 +72,8 @@ class MegatronPolicy:
     """The policy's Megatron side. Requires `megatron.parallel.initialize` to have run."""
 
     def __init__(self, hf_config: PretrainedConfig, model: ModelConfig, parallel: ParallelConfig,
-                 optimizer: OptimizerConfig, *, micro_batch_tokens: int, optimizer_steps: int):
+                 optimizer: OptimizerConfig, *, micro_batch_tokens: int, optimizer_steps: int,
+                 tree_rows: bool = False):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -90,7 +91,7 @@ class MegatronPolicy:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         gpt = build_gpt_model(hf_config, model, parallel,
                               pre_process=parallel_state.is_pipeline_first_stage(), post_process=self.is_last_stage,
-                              variable_seq_lengths=self.pipeline_parallel)
+                              variable_seq_lengths=self.pipeline_parallel, tree_rows=tree_rows)
         config = gpt.config
         self.config = config
         module = Float16Module(config, gpt) if config.bf16 else gpt

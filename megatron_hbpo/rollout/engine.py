@@ -19,6 +19,7 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 4096
+    stop_token_ids: tuple[int, ...] = ()  # besides EOS; a stop token ends the response and is kept in it
 
 
 @dataclass

@@ -225,7 +225,10 @@ class VLLMEngine:
         if self._asleep:
             raise RuntimeError("the rollout engine is asleep; call wake() before generate()")
         params = [SamplingParams(n=r.n, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
-                                 max_tokens=r.sampling.max_tokens, logprobs=0) for r in requests]
+                                 max_tokens=r.sampling.max_tokens, logprobs=0,
+                                 **({"stop_token_ids": list(r.sampling.stop_token_ids)}
+                                    if r.sampling.stop_token_ids else {}))
+                  for r in requests]
         with cpu.suspended():  # vLLM's decoding never asks for cuda; the device mode only slows it
             outputs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params,
                                         use_tqdm=False)

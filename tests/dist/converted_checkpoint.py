@@ -54,9 +54,11 @@ def main() -> int:
     world = dist.get_world_size()
     recipe = Recipe(name="converted", model=model_config_from_hf(hf_config, params_dtype="fp32", transformer_impl="local"),
                     parallel=PARALLEL[args.mode], cluster=ClusterConfig(gpus_per_node=world),
-                    train=TrainConfig(prompts_per_step=1, mini_batch_prompts=1, micro_batch_tokens=128, total_steps=1))
+                    # a prompt per rollout replica (one engine per rank)
+                    train=TrainConfig(prompts_per_step=world, mini_batch_prompts=world, micro_batch_tokens=128,
+                                      total_steps=1))
     recipe.rollout.max_prompt_length, recipe.rollout.max_response_length, recipe.algo.budgets = 32, 96, [32]
-    recipe.rollout.n_rollouts, recipe.rollout.tensor_parallel_size = 1, world  # one replica for the one prompt
+    recipe.rollout.n_rollouts = 1
     validate(recipe, world)
     policy = MegatronPolicy(hf_config, recipe.model, recipe.parallel, recipe.optimizer,
                             micro_batch_tokens=recipe.train.micro_batch_tokens, optimizer_steps=1)

@@ -4,6 +4,10 @@
     torchrun --nproc-per-node 2 policy_equivalence.py --mode tp|pp|dp|dp_distopt --ref REF.pt
     torchrun --nproc-per-node 1 policy_equivalence.py --mode gpu --ref REF.pt    (CUDA against a CPU REF)
 
+`--loss anytime` runs them with AnytimeReasoner's packed tree rows (a prompt + thinking trunk and
+summary branches that see it up to their cut, per-token advantages, inserted tokens out of the loss)
+and its loss normalised by the constant N_rows * C (docs/anytime.md, "Loss").
+
 `--loss sequence` runs the same comparisons with AdaptThink's sequence-ratio loss (a mean over
 sequences, normalised by the global sequence count; its first response token's old log-prob comes
 from the rollout log-probs, log 0.5 here) in place of HBPO's token-mean clipped loss.
@@ -31,7 +35,7 @@ from common import policy_from_recipe, write_report
 
 from megatron_hbpo import runtime
 from megatron_hbpo.algo.adaptthink import AdaptThinkLoss
-from megatron_hbpo.algo.loss import ClippedLoss
+from megatron_hbpo.algo.loss import AnytimeLoss, ClippedLoss
 from megatron_hbpo.config import ClusterConfig, ModelConfig, ParallelConfig, Recipe, TrainConfig, validate
 from megatron_hbpo.megatron import parallel
 from megatron_hbpo.megatron.batching import PolicySequence
@@ -41,7 +45,8 @@ from megatron_hbpo.megatron.train_step import NonFiniteError
 
 VOCAB = 100
 TOL = 2e-6  # fp32, different reduction orders
-LOSSES = {"clipped": ClippedLoss(temperature=1.0), "sequence": AdaptThinkLoss(temperature=1.0)}
+LOSSES = {"clipped": ClippedLoss(temperature=1.0), "sequence": AdaptThinkLoss(temperature=1.0),
+          "anytime": AnytimeLoss(temperature=1.0, loss_normalizer=50)}
 LOSS = LOSSES["clipped"]  # --loss picks
 
 MODELS = {
@@ -82,7 +87,29 @@ def recipe_for(family: str, mode: str, world: int, attention: str = "auto") -> R
     return validate(recipe, world)
 
 
+def make_tree_rows() -> list[PolicySequence]:
+    """Packed anytime rows: (prompt, thinking, [(cut, inserted, generated)]) with random tokens and
+    per-token advantages; the inserted tokens are out of the loss."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(5, 20, [(8, 3, 4), (8, 3, 5), (20, 2, 3), (20, 2, 6)]), (3, 6, [(6, 2, 3), (6, 2, 2)]),
+              (6, 14, [(4, 3, 3), (10, 3, 2)]), (4, 9, [(9, 2, 7)]), (2, 11, [(3, 3, 2), (11, 2, 4), (11, 2, 2)]),
+              (5, 7, [(7, 2, 2)]), (3, 16, [(5, 3, 3), (16, 2, 5)])]
+    rows = []
+    for prompt, thinking, branches in shapes:
+        spans = sum(i + n for _, i, n in branches)
+        tokens = torch.randint(0, VOCAB, (prompt + thinking + spans,), generator=g).tolist()
+        trainable = [True] * thinking
+        for _, inserted, generated in branches:
+            trainable += [False] * inserted + [True] * generated
+        rows.append(PolicySequence(tokens, prompt, branches=[(prompt + c, i + n) for c, i, n in branches],
+                                   token_advantages=torch.randn(thinking + spans, generator=g),
+                                   trainable=torch.tensor(trainable)))
+    return rows
+
+
 def make_sequences() -> list[PolicySequence]:
+    if LOSS is LOSSES["anytime"]:
+        return make_tree_rows()
     g = torch.Generator().manual_seed(7)
     sequences = []
     for length, prompt in [(40, 7), (9, 3), (23, 5), (6, 2), (31, 6), (17, 4), (12, 2)]:
@@ -100,7 +127,7 @@ def reference(out_path: str, attention: str) -> int:
     result, report = {}, {}
     for family in MODELS:
         recipe = recipe_for(family, "ref", 1, attention)
-        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
+        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model), tree_rows=LOSS is LOSSES["anytime"])
         weights0 = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
         sequences = make_sequences()
         logp = policy.logprobs(sequences, temperature=1.0)
@@ -116,16 +143,60 @@ def reference(out_path: str, attention: str) -> int:
         _, _, single = policy.forward_backward(sequences, LOSS)
         policy.micro_batch_tokens = recipe.train.micro_batch_tokens
         split_diff = max(float((t - grads[name]).abs().max()) for name, t in iter_full_tensors(policy.model[0], grads=True))
+        if LOSS is LOSSES["anytime"]:
+            report[f"{family} transformers"] = packed_vs_transformers(policy, recipe, sequences, logp)
         policy.optimizer.step()
         weights1 = dict(iter_full_tensors(policy.model[0]))
         loss = sums["loss"] / sums["normalizer"]
+        clipped = sums[LOSS.metric_names[0]]
         result[family] = dict(weights0=weights0, logp=logp, logp_old=logp_old, loss=loss,
-                              clipped=sums["clip_fraction"], grads=grads, weights1=weights1)
+                              clipped=clipped, grads=grads, weights1=weights1)
         report[family] = {"single_micro_batches": single, "split_grad_diff": split_diff, "loss": loss,
-                          "tokens": sums["tokens"], "clipped": sums["clip_fraction"]}
+                          "tokens": sums["tokens"], "clipped": clipped, "normalizer": sums["normalizer"]}
     torch.save(result, out_path)
     write_report(report)
     return 0
+
+
+def packed_vs_transformers(policy, recipe: Recipe, rows: list[PolicySequence], logp: list[torch.Tensor]) -> dict:
+    """The packed rows' log-probs of the trainable tokens against transformers (float64) scoring each as
+    one plain sequence: the trunk (prompt + thinking) for thinking tokens, prompt + thinking[:cut] +
+    inserted + summary for each branch's summary tokens (docs/anytime.md, "Loss": summary tokens see
+    exactly the context they were sampled with)."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    from megatron_hbpo.convert.mapping import megatron_to_hf
+    from megatron_hbpo.megatron.state import unwrap
+
+    hf_config = hf_config_from_recipe(recipe.model)
+    state = {k: v for k, v in unwrap(policy.model[0]).state_dict().items() if not k.endswith("_extra_state")}
+    hf_state = dict(pair for name, tensor in state.items() for pair in megatron_to_hf(name, tensor, hf_config))
+    model = (Qwen2ForCausalLM if recipe.model.family == "qwen2" else LlamaForCausalLM)(hf_config).double().eval()
+    model.load_state_dict({k: v.double() for k, v in hf_state.items()}, strict=False)
+    if hf_config.tie_word_embeddings:
+        model.tie_weights()
+
+    def plain_logp(tokens: list[int]) -> torch.Tensor:  # [len - 1]: log p(tokens[t + 1] | tokens[:t + 1])
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[0, :-1, :VOCAB]
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).squeeze(-1)
+
+    worst_thinking = worst_summary = 0.0
+    summary_tokens = 0
+    for row, packed in zip(rows, logp):
+        p, trunk = row.prompt_length, row.trunk_length
+        want = plain_logp(row.tokens[:trunk])[p - 1:]
+        worst_thinking = max(worst_thinking, float((packed[:trunk - p].double() - want).abs().max()))
+        start = trunk
+        for context, span in row.branches or []:
+            plain = row.tokens[:context] + row.tokens[start:start + span]
+            want = plain_logp(plain)[context - 1:]  # the span's tokens, each from its sampled context
+            got = packed[start - p:start - p + span].double()
+            keep = row.trainable[start - p:start - p + span]
+            worst_summary = max(worst_summary, float((got[keep] - want[keep]).abs().max()))
+            summary_tokens += int(keep.sum())
+            start += span
+    return {"thinking_err": worst_thinking, "summary_err": worst_summary, "summary_tokens": summary_tokens}
 
 
 def max_diff(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
@@ -151,7 +222,7 @@ def check(mode: str, ref_path: str, attention: str) -> int:
     for family in MODELS:
         recipe = recipe_for(family, mode, world, attention)
         expected = ref[family]
-        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model))
+        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model), tree_rows=LOSS is LOSSES["anytime"])
         policy.load_full_state(lambda name: expected["weights0"][name])
         sequences = make_sequences()
         mine = list(range(len(sequences)))
@@ -165,15 +236,15 @@ def check(mode: str, ref_path: str, attention: str) -> int:
             seq.logp_old = expected["logp_old"][i]
         sums, padding, micro_batches = policy.forward_backward(sequences, LOSS)
         got.update(loss_diff=abs(float(sums["loss"] / sums["normalizer"] - expected["loss"])),
-                   clipped=sums["clip_fraction"], expected_clipped=expected["clipped"], micro_batches=micro_batches,
-                   padding=padding)
+                   clipped=sums[LOSS.metric_names[0]], expected_clipped=expected["clipped"],
+                   micro_batches=micro_batches, padding=padding, normalizer=sums["normalizer"])
         if not recipe.optimizer.use_distributed_optimizer:  # its grads are reduce-scattered shards
             got["grad_diff"] = max(max_diff(name, grad, expected["grads"][name])
                                    for name, grad in iter_full_tensors(policy.model[0], grads=True))
         policy.optimizer.step()
         got["step_diff"] = max(max_diff(name, weight, expected["weights1"][name])
                                for name, weight in iter_full_tensors(policy.model[0]))
-        if mode == "dp":
+        if mode == "dp" and LOSS is not LOSSES["anytime"]:
             got["nonfinite"] = check_nonfinite_stops_the_step(policy, sequences, rank)
         report[family] = got
     dist.barrier()
@@ -206,7 +277,8 @@ def main() -> int:
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "unfused"],
                         help="model.attention_backend of this run")
     parser.add_argument("--loss", default="clipped", choices=sorted(LOSSES),
-                        help="clipped (HBPO's token mean) or sequence (AdaptThink's sequence mean)")
+                        help="clipped (HBPO's token mean), sequence (AdaptThink's sequence mean) or anytime "
+                             "(packed tree rows, constant normaliser)")
     args = parser.parse_args()
     global LOSS
     LOSS = LOSSES[args.loss]

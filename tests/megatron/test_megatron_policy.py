@@ -84,3 +84,44 @@ def test_sequence_loss_parallel_step_equals_single_process(sequence_reference, m
             got = report[family]
             assert got["loss_diff"] <= TOL and got["clipped"] == got["expected_clipped"], (rank, family, got)
             assert got["grad_diff"] <= TOL and got["step_diff"] <= TOL_STEP, (rank, family, got)
+
+
+# -- AnytimeReasoner's packed tree rows and constant-normaliser loss (docs/anytime.md, "Loss") ------------
+
+
+@pytest.fixture(scope="module")
+def anytime_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("anytime_equivalence") / "reference.pt"
+    result = run_torchrun("policy_equivalence.py", "--mode", "ref", "--out", str(path), "--loss", "anytime", nproc=1)
+    return path, result.reports[0]
+
+
+def test_packed_rows_score_each_summary_in_its_sampled_context(anytime_reference):
+    """Megatron's log-probs of the packed rows (tree mask, rope at the branch positions) against transformers
+    scoring each summary as one plain sequence prompt + thinking[:cut] + inserted + summary (float64)."""
+    _, report = anytime_reference
+    for family in ("qwen2", "llama"):
+        got = report[f"{family} transformers"]
+        assert got["summary_tokens"] > 20
+        assert got["thinking_err"] <= 1e-5 and got["summary_err"] <= 1e-5, (family, got)
+
+
+def test_anytime_loss_does_not_depend_on_the_micro_batch_split(anytime_reference):
+    _, report = anytime_reference
+    for family in ("qwen2", "llama"):
+        assert report[family]["single_micro_batches"] == 1 and report[family]["split_grad_diff"] <= TOL
+        assert report[family]["clipped"] > 0
+        assert report[family]["normalizer"] == 7 * 50  # N_rows * C, not the token count
+
+
+@pytest.mark.parametrize("mode", ["dp", pytest.param("tp", marks=pytest.mark.slow)])
+def test_anytime_loss_parallel_step_equals_single_process(anytime_reference, mode):
+    """The same rows at DP2 (uneven shares of rows) and TP2: loss, gradients and the step as at DP1/TP1."""
+    path, _ = anytime_reference
+    result = run_torchrun("policy_equivalence.py", "--mode", mode, "--ref", str(path), "--loss", "anytime", nproc=2)
+    for rank, report in enumerate(result.reports):
+        for family in ("qwen2", "llama"):
+            got = report[family]
+            assert got["logp_diff"] <= TOL and got["loss_diff"] <= TOL, (rank, family, got)
+            assert got["clipped"] == got["expected_clipped"] and got["normalizer"] == 7 * 50, (rank, family, got)
+            assert got["grad_diff"] <= TOL and got["step_diff"] <= TOL_STEP, (rank, family, got)
