@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LAUNCH_VENV := .venv-launch
 LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
 
-.PHONY: setup run run-grpo test test-slow lint test-tools launch-env real-model-deps real-model-test clean-venv
+.PHONY: setup run run-grpo demo-seeds test test-slow lint test-tools launch-env real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: setup
 	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml
+
+# The embedded default over three seeds, each with its own warm-up base; prints every before/after cell
+# (accuracy and mean tokens per level and prompt mode) as mean [min, max] (about 3 x `make run`).
+demo-seeds: setup
+	$(PY) -m megatron_hbpo.compare --methods hbpo --seeds 1234,1235,1236 --warmup-per-seed --out runs/demo_seeds
 
 # The GRPO baseline of the embedded default (same warm-up base, 0/1 reward, no budgets).
 run-grpo: setup

@@ -1,7 +1,12 @@
 """Train HBPO and its baselines from one warm-up base on the embedded task and print one comparison table.
 
     python -m megatron_hbpo.compare [--methods grpo,tlmre,l1_max,adaptthink,hbpo] [--seeds 1234,1235]
-                                    [--short] [--out runs/compare] [--nproc 1] [dotted.overrides ...]
+                                    [--warmup-per-seed [--jobs 1]] [--short] [--out runs/compare] [--nproc 1]
+                                    [dotted.overrides ...]
+
+The multi-seed demo (`make demo-seeds`): `make run`'s recipe over three seeds, each with its own warm-up,
+
+    python -m megatron_hbpo.compare --methods hbpo --seeds 1234,1235,1236 --warmup-per-seed --out runs/demo_seeds
 
 Each method trains with its tiny recipe (recipes/tiny_cpu[_<method>].yaml, all on the warm-up base of
 recipes/tiny_cpu.yaml) once per seed (train.seed), as a `python -m megatron_hbpo.train` subprocess, and
@@ -13,7 +18,12 @@ sentence), plus L1-Max under its own max_length:N. L1-Max runs its two stages (d
 The table: per method, accuracy % and mean response tokens per level in natural mode, the NoThinking
 share (responses with an empty thinking block), and budget adherence averaged over the targets (within-
 budget and soft-violation rates, mean overshoot, mean absolute deviation, r(N, L)); each as the mean
-over the seeds with [min, max]. `--short` is a smoke run (a 40-step warm-up of its own, 2 steps, 4
+over the seeds with [min, max]. A second table holds every cell of the evaluation (accuracy % and mean
+response tokens per prompt mode and level) for the base (before training) and each method (after), each
+as the mean over the seeds [min, max]. Without --warmup-per-seed every seed starts from the recipe's one
+warm-up base (warmup.seed, warmup.dir), so the spread is the RL's and the evaluation's alone; with it,
+seed S also trains its own base (warmup.seed=S, in <out>/warmup/seed_S, shared by the seed's methods),
+so the spread covers the warm-up's variance too. `--short` is a smoke run (a 40-step warm-up of its own, 2 steps, 4
 problems per level): its numbers mean nothing. Writes <out>/comparison.md and comparison.json; each
 run's directory keeps its logs, metrics.jsonl and eval_*.json.
 """
@@ -28,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +86,15 @@ def run_training(command: list[str], log: Path, echo=print) -> None:
     echo(f"  done in {time.perf_counter() - start:.0f} s ({log})")
 
 
-def method_runs(method: str, seed: int, out: Path, common: Sequence[str], nproc: int, total_steps: int
-                ) -> list[tuple[list[str], Path]]:
+def method_runs(method: str, seed: int, out: Path, common: Sequence[str], nproc: int, total_steps: int,
+                warmup_per_seed: bool = False) -> list[tuple[list[str], Path]]:
     """The training commands of one method and seed, in order, with their log files; the last run's
-    directory (out/method/seed_S) holds the evaluation."""
+    directory (out/method/seed_S) holds the evaluation. warmup_per_seed: the seed's own warm-up base
+    (warmup.seed=S in out/warmup/seed_S)."""
     run_dir = out / method / f"seed_{seed}"
     own = [f"train.seed={seed}", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir / 'ck'}", *common]
+    if warmup_per_seed:
+        own += [f"warmup.seed={seed}", f"warmup.dir={out / 'warmup' / f'seed_{seed}'}"]
     if method != "l1_max":
         return [(train_command(RECIPES[method], own, nproc), run_dir / "train.log")]
     exact_steps = max(1, min(total_steps - 1, round(total_steps * L1_EXACT_SHARE)))
@@ -151,6 +165,37 @@ def comparison_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return markdown_table(header, rows)
 
 
+def mode_levels(result: Mapping[str, Any]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """{(mode, level or "all"): summary} of a results document (one benchmark), modes in its order."""
+    cells = {}
+    for mode, per_benchmark in result["results"].items():
+        (metrics,) = per_benchmark.values()
+        cells.update({(mode, level): m for level, m in {**metrics["levels"], ALL: metrics["all"]}.items()})
+    return cells
+
+
+def cells_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of every evaluation cell: one row per (prompt mode, level), and per run label
+    (the base, each method) two columns, accuracy % and mean response tokens, each the mean over the
+    seeds' results documents [min, max]."""
+    per_label = {label: [mode_levels(r) for r in results] for label, results in runs.items()}
+    keys = list(next(iter(per_label.values()))[0])
+    header = ["mode", "level", *(f"{label} {what}" for label in runs for what in ("acc %", "tokens"))]
+    rows = []
+    for mode, level in keys:
+        row = [mode, level]
+        for seeds in per_label.values():
+            present = [s[(mode, level)] for s in seeds if (mode, level) in s]
+            row += [spread([m["accuracy"] for m in present], 100), spread([m["tokens"]["mean"] for m in present])]
+        rows.append(row)
+    return header, rows
+
+
+def cells_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    header, rows = cells_rows(runs)
+    return markdown_table(header, rows)
+
+
 def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, list[dict]]:
     """{"base": [eval_before of each seed's first method], method: [eval_after of each seed]}."""
     def read(path: Path) -> dict:
@@ -169,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(RECIPES)} (default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                         help="train.seed values (default 1234,1235)")
+    parser.add_argument("--warmup-per-seed", action="store_true",
+                        help="train each seed's own warm-up base (warmup.seed=S), so the spread covers the warm-up")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --warmup-per-seed: seeds run side by side (timings then mean little)")
     parser.add_argument("--short", action="store_true", help="a smoke run: 40 warm-up steps, 2 steps, a tiny eval")
     parser.add_argument("--out", default=str(REPO / "runs" / "compare"), help="output directory")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (data parallel on CPU)")
@@ -181,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if unknown or not methods or not seeds or args.nproc < 1:
-        print(f"error: --methods from {', '.join(RECIPES)}, --seeds integers, --nproc >= 1 (got {args.methods!r}, "
-              f"{args.seeds!r}, {args.nproc})", file=sys.stderr)
+    if unknown or not methods or not seeds or args.nproc < 1 or args.jobs < 1:
+        print(f"error: --methods from {', '.join(RECIPES)}, --seeds integers, --nproc and --jobs >= 1 (got "
+              f"{args.methods!r}, {args.seeds!r}, {args.nproc}, {args.jobs})", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
     common = ["logging.progress_bar=false", "logging.tensorboard=false", f"cluster.gpus_per_node={args.nproc}"]
@@ -201,28 +250,42 @@ def main(argv: list[str] | None = None) -> int:
     common.append("eval.modes=[" + ",".join(budget_mode(b) for b in hbpo.algo.budgets) + "]")
     if not args.table_only:
         start = time.perf_counter()
-        for seed in seeds:
+
+        def run_seed(seed: int) -> None:
             for method in methods:
-                for command, log in method_runs(method, seed, out, common, args.nproc, hbpo.train.total_steps):
+                for command, log in method_runs(method, seed, out, common, args.nproc, hbpo.train.total_steps,
+                                                args.warmup_per_seed):
                     print(f"{method}, seed {seed}: {' '.join(command[command.index('--config'):][:2])}", flush=True)
-                    try:
-                        run_training(command, log)
-                    except CompareError as e:
-                        print(f"error: {e}", file=sys.stderr)
-                        return 1
+                    run_training(command, log)
+
+        try:
+            # Seeds side by side only when each has its own warm-up: a shared one would be trained twice.
+            with ThreadPoolExecutor(max_workers=args.jobs if args.warmup_per_seed else 1) as pool:
+                for done in [pool.submit(run_seed, seed) for seed in seeds]:
+                    done.result()
+        except CompareError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"all runs done in {time.perf_counter() - start:.0f} s", flush=True)
     runs = collect(out, methods, seeds)
     table = comparison_table(runs)
+    cells = cells_table(runs)
+    warmups = "each seed's own warm-up base" if args.warmup_per_seed else "one warm-up base for every seed"
+    cells_caption = (f"Every evaluation cell: accuracy % / mean response tokens per prompt mode and level, the base "
+                     f"before training and each method after it; mean over seeds {', '.join(map(str, seeds))} "
+                     f"[min, max], {warmups}.")
     caption = (f"Natural mode: accuracy % / mean response tokens per level; NoThinking: responses with an empty "
                f"thinking block; adherence under each length prompt, averaged over the targets (HBPO's budget:N for "
                f"every method, L1's max_length:N for L1-Max). Mean over seeds {', '.join(map(str, seeds))} "
                f"[min, max]; {hbpo.train.total_steps} steps, {hbpo.eval.problems_per_level} problems per level"
                + (" (--short: a smoke run, the numbers mean nothing)" if args.short else "") + ".")
-    atomic.write_text(out / "comparison.md", caption + "\n\n" + table + "\n")
+    atomic.write_text(out / "comparison.md", caption + "\n\n" + table + "\n\n" + cells_caption + "\n\n" + cells + "\n")
     atomic.write_json(out / "comparison.json", {"methods": methods, "seeds": seeds, "short": args.short,
                                                  "overrides": list(args.overrides), "table": table,
-                                                 "header_rows": comparison_rows(runs)})
-    print(caption + "\n\n" + table)
+                                                 "header_rows": comparison_rows(runs),
+                                                 "warmup_per_seed": args.warmup_per_seed, "cells": cells,
+                                                 "cells_header_rows": cells_rows(runs)})
+    print(caption + "\n\n" + table + "\n\n" + cells_caption + "\n\n" + cells)
     return 0
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -191,6 +192,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
 
     from megatron_hbpo import atomic
     from megatron_hbpo.algo.verify import AnswerVerifier
+    from megatron_hbpo.components.timer import Timer
     from megatron_hbpo.data.source import PromptSource
     from megatron_hbpo.evaluation.summary import build_summary, plot_summary
     from megatron_hbpo.megatron import parallel
@@ -202,10 +204,12 @@ def _run(recipe: Recipe, wall_start: float) -> int:
     parallel.initialize(recipe.parallel, t.seed)
     tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data, summary_markers=recipe.tree_rows)
     run_dir = Path(recipe.logging.dir)
-    warmup_weights = run_warmup(recipe.warmup, model=m, parallel=recipe.parallel, optimizer=recipe.optimizer,
-                                data=recipe.data, algo=a, micro_batch_tokens=t.micro_batch_tokens,
-                                checkpoint_dir=recipe.checkpoint.dir, hf_config=hf_config, tokenizer=tokenizer,
-                                log=_log_rank0) if recipe.warmup.steps else None
+    phases = Timer()  # the run's time split, printed at the end and kept in summary.json
+    with phases("warm-up"):
+        warmup_weights = run_warmup(recipe.warmup, model=m, parallel=recipe.parallel, optimizer=recipe.optimizer,
+                                    data=recipe.data, algo=a, micro_batch_tokens=t.micro_batch_tokens,
+                                    checkpoint_dir=recipe.checkpoint.dir, hf_config=hf_config, tokenizer=tokenizer,
+                                    log=_log_rank0) if recipe.warmup.steps else None
 
     policy = MegatronPolicy(hf_config, m, recipe.parallel, recipe.optimizer, micro_batch_tokens=t.micro_batch_tokens,
                             optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts),
@@ -235,33 +239,35 @@ def _run(recipe: Recipe, wall_start: float) -> int:
         trainer.prepare()  # the method's measurement of the base (AdaptThink's R_ref), before any refit
         if evaluator is not None and e.before_after and (not resumed or not before_path.exists()):
             # The engine still holds the base weights: a resumed policy reaches it with the refit below.
-            before = evaluator.evaluate("before training")
+            with phases("evaluations"):
+                before = evaluator.evaluate("before training")
             if dist.get_rank() == 0:
                 atomic.write_json(before_path, before)
         if resumed:
             trainer.refitter.refit()
-        trainer.run()
+        with phases("training steps"):
+            trainer.run()
         if trainer.preempted:
             engine.close()
             return PREEMPTED_EXIT
         if evaluator is not None and e.before_after:
-            after = evaluator.evaluate("after training")
+            with phases("evaluations"):
+                after = evaluator.evaluate("after training")
             if dist.get_rank() == 0:
-                import json
-
                 atomic.write_json(after_path, after)
                 if recipe.tree_rows:
                     _anytime_summary(recipe, json.loads(before_path.read_text()), after, run_dir)
                     dist.barrier()
                     engine.close()
                     return 0
+                timing = run_timing(phases.seconds, time.perf_counter() - wall_start, warmup_weights)
                 summary = build_summary(json.loads(before_path.read_text()), after,
-                                        wall_seconds=time.perf_counter() - wall_start, recipe=recipe.name,
+                                        wall_seconds=timing["total_s"], timing=timing, recipe=recipe.name,
                                         algo=a.name, center_intra=a.center_intra, steps=t.total_steps)
                 atomic.write_json(run_dir / "summary.json", summary)
                 plot_summary(summary, run_dir / "summary.png", baselines=_baselines(recipe.logging.compare_with))
-                _log_rank0(f"wrote {run_dir / 'summary.json'} and {run_dir / 'summary.png'} "
-                           f"({time.perf_counter() - wall_start:.0f} s in all)")
+                _log_rank0(f"wrote {run_dir / 'summary.json'} and {run_dir / 'summary.png'}")
+                _log_rank0(timing_line(timing))
         dist.barrier()  # rank 0 writes the summary; everyone leaves together
         engine.close()  # last: vLLM's shutdown destroys the default process group
         return 0
@@ -269,6 +275,32 @@ def _run(recipe: Recipe, wall_start: float) -> int:
         # No collective here: after an error on one rank, a barrier would hang the others.
         if verifier is not None:
             verifier.close()
+
+
+def run_timing(phases: dict[str, float], total_s: float, warmup_weights: Path | None) -> dict[str, Any]:
+    """The run's time split (seconds): warm-up, evaluations, training steps, and the rest (start-up: imports,
+    the model, the vLLM engine). With the warm-up's own record (warmup.json): its response tokens/s, a fixed
+    workload's speed to read the total against on another machine, and whether this run trained it."""
+    from megatron_hbpo.warmup import FINGERPRINT_FILE
+
+    timing: dict[str, Any] = {"total_s": total_s, **{f"{name}_s": v for name, v in phases.items()}}
+    timing["other_s"] = total_s - sum(phases.values())
+    record = warmup_weights.parent / FINGERPRINT_FILE if warmup_weights is not None else None
+    if record is not None and record.is_file():
+        done = json.loads(record.read_text())
+        timing["warmup_tokens_per_s"] = done.get("tokens_per_s")
+        timing["warmup_trained_here"] = phases.get("warm-up", 0.0) > 0.5 * done.get("seconds", math.inf)
+    return timing
+
+
+def timing_line(timing: dict[str, Any]) -> str:
+    names = ("warm-up_s", "evaluations_s", "training steps_s", "other_s")
+    parts = [f"{name[:-2]} {timing[name]:.0f} s" for name in names if name in timing]
+    line = f"time: {timing['total_s']:.0f} s in all ({', '.join(parts)})"
+    if timing.get("warmup_tokens_per_s"):
+        where = "this run" if timing.get("warmup_trained_here") else "the run that trained the reused warm-up"
+        line += f"; reference workload: the warm-up at {timing['warmup_tokens_per_s']:.0f} response tok/s ({where})"
+    return line
 
 
 def build_trainer(recipe: Recipe, *, policy: MegatronPolicy, hf_config: PretrainedConfig,

@@ -26,11 +26,13 @@ from megatron_hbpo import atomic
 from megatron_hbpo.algo.loss import SFTLoss
 from megatron_hbpo.config import AlgoConfig, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, WarmupConfig
 from megatron_hbpo.data.chat import NATURAL, PromptBuilder, PromptFormat, budget_mode
-from megatron_hbpo.data.synthetic import TASK_VERSION, make_problem, response_text, style_mix_sample
+from megatron_hbpo.data.synthetic import TASK_VERSION, Problem, make_problem, response_text, style_mix_sample
 from megatron_hbpo.megatron.batching import PolicySequence
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from megatron_hbpo.megatron.train_step import MegatronPolicy
 
 FINGERPRINT_FILE = "warmup.json"
 
@@ -80,6 +82,31 @@ def warmup_sequences(prompts: PromptBuilder, rng: random.Random, count: int, war
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         sequences.append(PolicySequence(tokens=prompt_ids + response_ids, prompt_length=len(prompt_ids)))
     return sequences
+
+
+def chain_scores(policy: MegatronPolicy, prompts: PromptBuilder, problems: list[Problem], mode: str, algo: AlgoConfig,
+                 *, temperature: float = 1.0) -> dict[int, dict[str, float]]:
+    """Teacher-forced scores of the correct unchecked chain of each problem ("3+b5=8;8+c2=0;</think>\\boxed{0}")
+    under `mode`'s prompt, per level: "slip_rate", the chance of sampling a wrong digit after "=" given a
+    correct chain so far (1 - mean p(right digit)), and "chain_logp", the chain's mean log-probability per
+    token. A base that learned the additions slips at about warmup.error_rate. Collective (a forward pass)."""
+    tokenizer = prompts.tokenizer
+    equals = tokenizer.convert_tokens_to_ids("=")
+    sequences = []
+    for problem in problems:
+        text = response_text(problem, "steps", think_open=algo.think_open if mode == NATURAL else "",
+                             think_close=algo.think_close)
+        prompt = prompts.ids(problem.text, mode)
+        response = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append(PolicySequence(tokens=prompt + response, prompt_length=len(prompt)))
+    cells: dict[int, dict[str, list[float]]] = {}
+    for problem, seq, logp in zip(problems, sequences, policy.logprobs(sequences, temperature=temperature)):
+        response = seq.tokens[seq.prompt_length:]
+        cell = cells.setdefault(problem.level, {"right": [], "logp": []})
+        cell["right"] += [logp[i + 1].exp().item() for i, token in enumerate(response[:-1]) if token == equals]
+        cell["logp"].append(logp.mean().item())
+    return {level: {"slip_rate": 1 - sum(c["right"]) / len(c["right"]), "chain_logp": sum(c["logp"]) / len(c["logp"])}
+            for level, c in sorted(cells.items())}
 
 
 def summary_sequence(tokenizer: PreTrainedTokenizerBase, rng: random.Random, prompt_ids: list[int], response: str,
@@ -154,11 +181,24 @@ def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelCo
         if step == 1 or step % max(1, w.steps // 10) == 0 or step == w.steps:
             log(f"warm-up step {step}/{w.steps}: loss {final_loss:.4f}, lr {result.lr:.2e}, "
                 f"{tokens / (time.perf_counter() - start):.0f} response tok/s")
+    seconds = time.perf_counter() - start
+    # Did the base learn the additions? Its first results should be wrong about as often as the data's
+    # (error_rate); a base stuck on the modular-addition plateau slips far more, and RL then starts from a
+    # model that cannot add (README, "The embedded default").
+    check_rng = random.Random(f"{w.seed}:check")
+    problems = [make_problem(check_rng, level) for level in data.synthetic_levels for _ in range(32)]
+    scores = chain_scores(policy, prompts, problems, NATURAL, algo)
+    slip = sum(c["slip_rate"] for c in scores.values()) / len(scores)
+    log(f"warm-up: the base's slip rate on the additions is {100 * slip:.1f}% (the data's: {100 * w.error_rate:.0f}%)"
+        + ("" if slip <= 2 * w.error_rate + 0.05 else "; it has not learned to add (the loss plateau before the "
+           "additions are learned), so RL starts from a model that guesses: raise warmup.steps or weight_decay"))
     out.mkdir(parents=True, exist_ok=True)
     save_weights(policy.model[0], weights)
     if dist.get_rank() == 0:
+        # tokens_per_s: the machine's speed on a fixed workload, the reference a run's time is read against.
         atomic.write_json(out / FINGERPRINT_FILE, {"fingerprint": expected, "steps": w.steps, "final_loss": final_loss,
-                                                   "seconds": time.perf_counter() - start})
+                                                   "seconds": seconds, "tokens_per_s": tokens / seconds,
+                                                   "slip_rate": slip})
     dist.barrier()
     del policy
     return weights

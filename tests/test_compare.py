@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO
-from megatron_hbpo.compare import comparison_table
+from megatron_hbpo.compare import cells_table, comparison_table
 from megatron_hbpo.evaluation.metrics import results_document
 from megatron_hbpo.evaluation.records import ScoredResponse
 from test_trainer import PYTHON_ENV, assert_finite_metrics, finish, launch, read_metrics
@@ -56,6 +57,19 @@ def test_comparison_table_means_and_ranges_over_seeds():
     assert base[6] == "0.0 [0.0, 0.0]" and base[7] == "50.0 [50.0, 50.0]"
 
 
+def test_cells_table_holds_every_mode_and_level_with_ranges():
+    table = cells_table({"base": [document(0.5, 40, 20), document(0.75, 44, 20)],
+                         "hbpo": [document(1.0, 20, 15), document(0.5, 30, 17)]})
+    lines = table.splitlines()
+    assert lines[0] == "| mode | level | base acc % | base tokens | hbpo acc % | hbpo tokens |"
+    rows = [line.strip("| ").split(" | ") for line in lines[2:]]
+    assert [row[:2] for row in rows] == [[mode, level] for mode in ("natural", "budget:16", "budget:32")
+                                         for level in ("1", "2", "all")]
+    assert rows[0][2:] == ["62.5 [50.0, 75.0]", "42.0 [40.0, 44.0]", "75.0 [50.0, 100.0]", "25.0 [20.0, 30.0]"]
+    # budget:32 holds 2 x 15 x 32 / 16 = 30 tokens per response in the first document, 34 in the second.
+    assert rows[-1][4:] == ["100.0 [100.0, 100.0]", "32.0 [30.0, 34.0]"]
+
+
 def run_compare(out, *args: str, timeout: float) -> str:
     proc = subprocess.run([sys.executable, "-m", "megatron_hbpo.compare", "--out", str(out), *args], cwd=REPO,
                           env=PYTHON_ENV, capture_output=True, text=True, timeout=timeout)
@@ -87,6 +101,35 @@ def check_comparison(out, stdout: str, seeds: list[int], methods=METHODS) -> Non
     assert rows[0].startswith("| method | level 1 |") and (out / "comparison.md").is_file()
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]  # rows[0]: the header
     assert [x for x in labels if x] == ["base", *methods]
+
+
+DEMO_SHORT = ["warmup.steps=10", "warmup.sequences_per_step=16", "train.total_steps=1", "eval.problems_per_level=2",
+              "verifier.num_workers=1"]
+
+
+def test_multi_seed_demo_on_a_short_schedule(tmp_path):
+    """The multi-seed demo (README, `make demo-seeds`) on a short schedule: each seed trains its own warm-up
+    base and its HBPO run (the two seeds side by side, --jobs 2), and every evaluation cell is printed as mean
+    [min, max] over the seeds."""
+    seeds = [1234, 1235]
+    stdout = run_compare(tmp_path, "--short", "--methods", "hbpo", "--seeds", ",".join(map(str, seeds)),
+                         "--warmup-per-seed", "--jobs", "2", *DEMO_SHORT, timeout=600)
+    fingerprints = []
+    for seed in seeds:
+        assert_finite_metrics(read_metrics(tmp_path / "hbpo" / f"seed_{seed}"))
+        record = json.loads((tmp_path / "warmup" / f"seed_{seed}" / "warmup.json").read_text())
+        assert record["steps"] == 10 and math.isfinite(record["final_loss"])
+        fingerprints.append(record["fingerprint"])
+    assert fingerprints[0] != fingerprints[1]  # warmup.seed = the seed: two bases
+    cells = stdout[stdout.index("Every evaluation cell"):]
+    rows = [line.strip("| ").split(" | ") for line in cells.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["mode", "level", "base acc %", "base tokens", "hbpo acc %", "hbpo tokens"]
+    assert {row[0] for row in rows[1:]} == {"natural", "budget:16", "budget:32", "budget:48", "budget:64"}
+    assert len(rows[1:]) == 5 * 5  # 5 modes x (4 levels + all)
+    for row in rows[1:]:
+        for value in row[2:]:
+            mean, low, high = (float(x) for x in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", value).groups())
+            assert low <= mean <= high
 
 
 @pytest.mark.slow

@@ -156,6 +156,32 @@ def test_one_rank_run_trains_and_writes_everything(reference, tmp_path):
     assert (root / "run" / "summary.png").stat().st_size > 1000
     assert any(p.name.startswith("events.") for p in (root / "run" / "tensorboard").iterdir())
     assert "warm-up step 40/40" in out
+    # The run's time split and its reference workload (the warm-up's tokens/s, trained in this run).
+    timing = summary["timing"]
+    assert timing["total_s"] >= timing["warm-up_s"] + timing["evaluations_s"] + timing["training steps_s"] > 0
+    assert timing["warmup_tokens_per_s"] > 0 and timing["warmup_trained_here"]
+    assert re.search(r"^time: \d+ s in all \(warm-up \d+ s, evaluations \d+ s, training steps \d+ s, other -?\d+ s\); "
+                     r"reference workload: the warm-up at \d+ response tok/s \(this run\)$", out, re.M)
+
+
+@pytest.mark.slow
+def test_probe_modes_scores_the_same_chain_in_every_mode(reference, tmp_path):
+    """tools/probe_modes.py (the natural-mode drift evidence, README) on the reference run's base and last
+    checkpoint: a slip rate and a chain log-probability per mode and level, before and after."""
+    root, warmup, _ = reference
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "probe_modes.py"), "--base", str(warmup / "weights"),
+                           "--step", str(root / "ck" / "step_0000004"), "--problems", "3", "--out",
+                           str(tmp_path / "probe.json")], env=PYTHON_ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    modes = ["natural", "budget:16", "budget:32", "budget:48", "budget:64"]
+    for when in ("base", "trained"):
+        assert list(probe[when]) == modes and all(set(probe[when][m]) == {"1", "2", "3", "4"} for m in modes)
+        assert all(0 <= c["slip_rate"] <= 1 and c["chain_logp"] < 0
+                   for m in modes for c in probe[when][m].values())
+    assert probe["base"] != probe["trained"]
+    assert sum(line.startswith("| natural ") for line in proc.stdout.splitlines()) == 2
 
 
 def test_a_run_prints_no_library_noise(reference):
