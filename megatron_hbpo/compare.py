@@ -8,6 +8,10 @@ The multi-seed demo (`make demo-seeds`): `make run`'s recipe over three seeds, e
 
     python -m megatron_hbpo.compare --methods hbpo --seeds 1234,1235,1236 --warmup-per-seed --out runs/demo_seeds
 
+The anytime methods compare among themselves (acc(b) curves, not the natural-mode table):
+
+    python -m megatron_hbpo.compare --methods anytime_grpo,anytime [--seeds ...] [--table-only] ...
+
 Each method trains with its tiny recipe (recipes/tiny_cpu[_<method>].yaml, all on the warm-up base of
 recipes/tiny_cpu.yaml) once per seed (train.seed), as a `python -m megatron_hbpo.train` subprocess, and
 is evaluated before and after training in natural mode and under HBPO's budget prompts budget:N for
@@ -51,7 +55,9 @@ from megatron_hbpo.evaluation.tables import markdown_table
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"hbpo": "tiny_cpu.yaml", "grpo": "tiny_cpu_grpo.yaml", "tlmre": "tiny_cpu_tlmre.yaml",
            "l1_max": "tiny_cpu_l1_max.yaml", "l1_exact": "tiny_cpu_l1_exact.yaml",
-           "adaptthink": "tiny_cpu_adaptthink.yaml"}
+           "adaptthink": "tiny_cpu_adaptthink.yaml", "anytime_grpo": "tiny_cpu_anytime_grpo.yaml",
+           "anytime": "tiny_cpu_anytime.yaml"}
+ANYTIME_METHODS = ("anytime_grpo", "anytime")  # compared by acc(b) on a budget grid, not by natural mode
 DEFAULT_METHODS = ("grpo", "tlmre", "l1_max", "adaptthink", "hbpo")
 DEFAULT_SEEDS = (1234, 1235)
 L1_EXACT_SHARE = 700 / 820  # L1-Exact's 700 steps before L1-Max's 120 (docs/baselines.md, "L1")
@@ -196,6 +202,60 @@ def cells_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return markdown_table(header, rows)
 
 
+def anytime_metrics_of(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The acc(b) metrics of an anytime results document (one benchmark)."""
+    (metrics,) = result["anytime"].values()
+    return metrics
+
+
+def anytime_comparison_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the anytime comparison: per row label (the base: the runs' eval_before; each
+    method: its eval_after) the anytime and final accuracy %, the format rate % over the grid and acc(b) %
+    at every budget, each the mean over the seeds' documents [min, max]."""
+    budgets = anytime_metrics_of(next(iter(runs.values()))[0])["budgets"]
+    header = ["method", "anytime acc", "final acc", "format %", *(f"b={b}" for b in budgets)]
+    rows = []
+    for label, results in runs.items():
+        per_seed = [anytime_metrics_of(r) for r in results]
+        if any(m["budgets"] != budgets for m in per_seed):
+            raise ValueError(f"{label}: the runs' budget grids differ ({[m['budgets'] for m in per_seed]})")
+        fmt = [sum(m["format_rate"].values()) / len(m["format_rate"]) for m in per_seed]
+        rows.append([label, spread([m["anytime_accuracy"] for m in per_seed], 100),
+                     spread([m["final_accuracy"] for m in per_seed], 100), spread(fmt, 100),
+                     *(spread([m["acc"][str(b)] for m in per_seed], 100) for b in budgets)])
+    return header, rows
+
+
+def plot_anytime_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+    """acc(b) %: per row label the mean curve over the seeds and its [min, max] band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, results in runs.items():
+        per_seed = [anytime_metrics_of(r) for r in results]
+        budgets = per_seed[0]["budgets"]
+        curves = [[100 * m["acc"][str(b)] for b in budgets] for m in per_seed]
+        mean = [sum(c) / len(c) for c in zip(*curves)]
+        anytime = 100 * sum(m["anytime_accuracy"] for m in per_seed) / len(per_seed)
+        final = 100 * sum(m["final_accuracy"] for m in per_seed) / len(per_seed)
+        (line,) = ax.plot(budgets, mean, marker="o", markersize=3,
+                          label=f"{label}: anytime {anytime:.1f}, final {final:.1f}")
+        ax.fill_between(budgets, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("thinking budget b (tokens)")
+    ax.set_ylabel("acc(b) %")
+    ax.set_title(f"acc(b), mean over {len(next(iter(runs.values())))} seeds [min, max]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, list[dict]]:
     """{"base": [eval_before of each seed's first method], method: [eval_after of each seed]}."""
     def read(path: Path) -> dict:
@@ -230,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if unknown or not methods or not seeds or args.nproc < 1 or args.jobs < 1:
-        print(f"error: --methods from {', '.join(RECIPES)}, --seeds integers, --nproc and --jobs >= 1 (got "
-              f"{args.methods!r}, {args.seeds!r}, {args.nproc}, {args.jobs})", file=sys.stderr)
+    anytime = all(m in ANYTIME_METHODS for m in methods)
+    mixed = not anytime and bool(set(methods) & set(ANYTIME_METHODS))
+    if unknown or not methods or not seeds or args.nproc < 1 or args.jobs < 1 or mixed:
+        print(f"error: --methods from {', '.join(RECIPES)} ({', '.join(ANYTIME_METHODS)} only with each other), "
+              f"--seeds integers, --nproc and --jobs >= 1 (got {args.methods!r}, {args.seeds!r}, {args.nproc}, "
+              f"{args.jobs})", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
     common = ["logging.progress_bar=false", "logging.tensorboard=false", f"cluster.gpus_per_node={args.nproc}"]
@@ -240,14 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         common += [*SHORT, f"warmup.dir={out / 'warmup_short'}"]
     common += list(args.overrides)
     try:
-        hbpo = load_recipe(REPO / "recipes" / RECIPES["hbpo"], common)
+        hbpo = load_recipe(REPO / "recipes" / RECIPES[methods[0] if anytime else "hbpo"], common)
         for method in methods:
             load_recipe(REPO / "recipes" / RECIPES[method], common)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    # HBPO's budget prompts for every method: HBPO's own, a control for the others.
-    common.append("eval.modes=[" + ",".join(budget_mode(b) for b in hbpo.algo.budgets) + "]")
+    # HBPO's budget prompts for every method: HBPO's own, a control for the others (the anytime
+    # methods are evaluated by acc(b) only).
+    if not anytime:
+        common.append("eval.modes=[" + ",".join(budget_mode(b) for b in hbpo.algo.budgets) + "]")
     if not args.table_only:
         start = time.perf_counter()
 
@@ -268,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"all runs done in {time.perf_counter() - start:.0f} s", flush=True)
     runs = collect(out, methods, seeds)
+    if anytime:
+        return anytime_report(out, runs, methods, seeds, args, hbpo.train.total_steps, hbpo.eval.problems_per_level)
     table = comparison_table(runs)
     cells = cells_table(runs)
     warmups = "each seed's own warm-up base" if args.warmup_per_seed else "one warm-up base for every seed"
@@ -286,6 +353,23 @@ def main(argv: list[str] | None = None) -> int:
                                                  "warmup_per_seed": args.warmup_per_seed, "cells": cells,
                                                  "cells_header_rows": cells_rows(runs)})
     print(caption + "\n\n" + table + "\n\n" + cells_caption + "\n\n" + cells)
+    return 0
+
+
+def anytime_report(out: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], methods: Sequence[str],
+                   seeds: Sequence[int], args: argparse.Namespace, steps: int, problems_per_level: int) -> int:
+    header, rows = anytime_comparison_rows(runs)
+    table = markdown_table(header, rows)
+    caption = (f"acc(b) %: one thinking sample per problem cut after b tokens and one forced summary; anytime acc: "
+               f"the mean over the grid, final acc: acc(b_max), format %: the summaries' format rate over the grid. "
+               f"Mean over seeds {', '.join(map(str, seeds))} [min, max]; {steps} steps, {problems_per_level} problems "
+               f"per level" + (" (--short: a smoke run, the numbers mean nothing)" if args.short else "") + ".")
+    atomic.write_text(out / "comparison.md", caption + "\n\n" + table + "\n")
+    atomic.write_json(out / "comparison.json", {"methods": list(methods), "seeds": list(seeds), "short": args.short,
+                                                 "overrides": list(args.overrides), "table": table,
+                                                 "header_rows": [header, rows]})
+    plot_anytime_seeds(runs, out / "comparison.png")
+    print(caption + "\n\n" + table + f"\nwrote {out / 'comparison.png'}")
     return 0
 
 

@@ -16,12 +16,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from megatron_hbpo.compare import cells_table, comparison_table
+from test_trainer import PYTHON_ENV, assert_finite_metrics, finish, launch, read_metrics
+
+from megatron_hbpo.compare import anytime_comparison_rows, cells_table, comparison_table, plot_anytime_seeds
+from megatron_hbpo.compare import main as compare_main
+from megatron_hbpo.evaluation.anytime import AnytimeSample, anytime_metrics
 from megatron_hbpo.evaluation.metrics import results_document
 from megatron_hbpo.evaluation.records import ScoredResponse
-from test_trainer import PYTHON_ENV, assert_finite_metrics, finish, launch, read_metrics
 
 METHODS = ("grpo", "tlmre", "l1_max", "adaptthink", "hbpo")
 
@@ -68,6 +70,52 @@ def test_cells_table_holds_every_mode_and_level_with_ranges():
     assert rows[0][2:] == ["62.5 [50.0, 75.0]", "42.0 [40.0, 44.0]", "75.0 [50.0, 100.0]", "25.0 [20.0, 30.0]"]
     # budget:32 holds 2 x 15 x 32 / 16 = 30 tokens per response in the first document, 34 in the second.
     assert rows[-1][4:] == ["100.0 [100.0, 100.0]", "32.0 [30.0, 34.0]"]
+
+
+def anytime_document(rewards: list[list[float]]) -> dict:
+    """An eval_*.json of the anytime method: one thinking sample per row of rewards (budgets 8 and 16); a
+    reward of 0.5 stands for a summary out of format."""
+    samples = [AnytimeSample(problem=i, level="1", length=16, ending="think_end", rewards=[float(r == 1) for r in row],
+                             format_ok=[r != 0.5 for r in row], cuts=[8, 16]) for i, row in enumerate(rewards)]
+    return {"anytime": {"synthetic": anytime_metrics(samples, [8, 16])}}
+
+
+def test_anytime_comparison_means_and_ranges_over_seeds(tmp_path):
+    base = anytime_document([[0, 1], [0.5, 0]])
+    runs = {"base": [base, base],
+            "anytime_grpo": [anytime_document([[0, 1], [0, 1]]), anytime_document([[0.5, 1], [1, 1]])],
+            "anytime": [anytime_document([[1, 1], [0, 1]]), anytime_document([[1, 1], [1, 1]])]}
+    header, rows = anytime_comparison_rows(runs)
+    assert header == ["method", "anytime acc", "final acc", "format %", "b=8", "b=16"]
+    assert rows[0] == ["base", "25.0 [25.0, 25.0]", "50.0 [50.0, 50.0]", "75.0 [75.0, 75.0]", "0.0 [0.0, 0.0]",
+                       "50.0 [50.0, 50.0]"]
+    # seed 1: acc(8) 0, acc(16) 1 -> anytime 50; seed 2: acc(8) 0.5 (one out of format), acc(16) 1 -> 75
+    assert rows[1] == ["anytime_grpo", "62.5 [50.0, 75.0]", "100.0 [100.0, 100.0]", "87.5 [75.0, 100.0]",
+                       "25.0 [0.0, 50.0]", "100.0 [100.0, 100.0]"]
+    assert rows[2][1:3] == ["87.5 [75.0, 100.0]", "100.0 [100.0, 100.0]"]
+    plot_anytime_seeds(runs, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    runs["anytime"][1]["anytime"]["synthetic"]["budgets"] = [8, 24]
+    with pytest.raises(ValueError, match="grids differ"):
+        anytime_comparison_rows(runs)
+
+
+def test_anytime_comparison_table_only_from_runs(tmp_path, capsys):
+    """`--methods anytime_grpo,anytime --table-only` reads out/<method>/seed_S/eval_*.json of finished runs."""
+    for method, seed in [(m, s) for m in ("anytime_grpo", "anytime") for s in (1, 2)]:
+        run = tmp_path / method / f"seed_{seed}"
+        run.mkdir(parents=True)
+        (run / "eval_before.json").write_text(json.dumps(anytime_document([[0, 1]])))
+        (run / "eval_after.json").write_text(json.dumps(anytime_document([[int(method == "anytime"), 1]])))
+    assert compare_main(["--out", str(tmp_path), "--methods", "anytime_grpo,anytime", "--seeds", "1,2",
+                         "--table-only"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | anytime acc | final acc | format % | b=8 | b=16 |")
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:]] == ["base", "anytime_grpo", "anytime"]
+    assert rows[3].split(" | ")[1] == "100.0 [100.0, 100.0]" and (tmp_path / "comparison.png").is_file()
+    assert json.loads((tmp_path / "comparison.json").read_text())["methods"] == ["anytime_grpo", "anytime"]
+    assert compare_main(["--methods", "grpo,anytime", "--table-only", "--out", str(tmp_path)]) == 2
+    assert "only with each other" in capsys.readouterr().err
 
 
 def run_compare(out, *args: str, timeout: float) -> str:
