@@ -233,6 +233,8 @@ def plot_anytime_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_hbpo.evaluation.anytime import save_acc_plot
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, results in runs.items():
         per_seed = [anytime_metrics_of(r) for r in results]
@@ -245,15 +247,7 @@ def plot_anytime_seeds(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Pa
                           label=f"{label}: anytime {anytime:.1f}, final {final:.1f}")
         ax.fill_between(budgets, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
                         color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("thinking budget b (tokens)")
-    ax.set_ylabel("acc(b) %")
-    ax.set_title(f"acc(b), mean over {len(next(iter(runs.values())))} seeds [min, max]")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_acc_plot(fig, ax, f"acc(b), mean over {len(next(iter(runs.values())))} seeds [min, max]", path)
 
 
 def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, list[dict]]:

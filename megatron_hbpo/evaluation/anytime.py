@@ -154,13 +154,21 @@ def plot_anytime(docs: dict[str, dict], path: Path) -> bool:
     for name, m in series:
         ax.plot(m["budgets"], [100 * m["acc"][str(b)] for b in m["budgets"]], marker="o", markersize=3,
                 label=f"{name}: anytime {100 * m['anytime_accuracy']:.1f}, final {100 * m['final_accuracy']:.1f}")
+    save_acc_plot(fig, ax, "Anytime accuracy: forced summary after b thinking tokens", path)
+    return True
+
+
+def save_acc_plot(fig: Any, ax: Any, title: str, path: Path) -> None:
+    """Label an acc(b) plot's axes, write it to `path` and close it (the evaluation's and the seed
+    comparison's plots look alike)."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("thinking budget b (tokens)")
     ax.set_ylabel("acc(b) %")
-    ax.set_title("Anytime accuracy: forced summary after b thinking tokens")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
