@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from megatron_hbpo.algo.adaptthink import is_nothinking
 from megatron_hbpo.algo.constants import THINK_CLOSE
 
 if TYPE_CHECKING:
@@ -142,6 +141,10 @@ def score_responses(generated: Sequence[Generated], verifier: AnswerVerifier, *,
                     decode: Callable[[Sequence[int]], str] | None = None,
                     keywords: Sequence[str] = REFLECTION_KEYWORDS, keep_text: bool = True) -> list[ScoredResponse]:
     """Verify each response's final answer against its gold and measure its tokens and keywords."""
+    # Here, not at the top: algo/adaptthink imports torch, and tools/evaluate.py imports this module
+    # before runtime.configure() sets what torch reads at import (its C++ log level).
+    from megatron_hbpo.algo.adaptthink import is_nothinking
+
     verdicts = verifier.score([g.text for g in generated], [g.gold for g in generated], think_close=think_close)
     pattern = keyword_pattern(keywords)
     records = []
