@@ -352,6 +352,23 @@ def load_benchmarks(args) -> list[Benchmark]:
         raise UsageError(str(e)) from None
 
 
+def output_dir(args, model: Path, tag: str = "") -> Path:
+    """--out, or runs/eval/<model name><tag>-<time>."""
+    return Path(args.out) if args.out else \
+        REPO / "runs" / "eval" / f"{model.resolve().name}{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_tokenizer(model: Path, model_dir: Path):
+    """The model's tokenizer; a directory without a usable one is a one-line UsageError naming --model."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {model}: no usable tokenizer in {model_dir} ({first})") from None
+
+
 def evaluate_anytime(args, budgets: list[int]) -> int:
     """acc(b) over the grid for every benchmark (evaluation/anytime.py): results.json, results.md, anytime.png."""
     from megatron_hbpo.algo import anytime
@@ -367,15 +384,12 @@ def evaluate_anytime(args, budgets: list[int]) -> int:
         raise UsageError(f"--summary-max-tokens and --n must be >= 1, got {args.summary_max_tokens}, {args.n}")
     benchmarks = load_benchmarks(args)
     model = Path(args.model)
-    out = Path(args.out) if args.out else \
-        REPO / "runs" / "eval" / f"{model.resolve().name}-anytime-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_dir(args, model, "-anytime")
     with tempfile.TemporaryDirectory(prefix="hbpo_eval_") as work:
         model_dir, model_info = resolve_model(model, Path(work))
         started = time.perf_counter()
         with AnswerVerifier(num_workers=args.verify_workers, timeout_s=args.verify_timeout) as verifier:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            tokenizer = load_tokenizer(model, model_dir)
             if anytime.think_end_token_id(tokenizer) is None:
                 raise UsageError(f"--model {model}: its tokenizer has no single `</think>` token to stop thinking at")
             prompts = prompt_builder(tokenizer, args)
@@ -434,8 +448,7 @@ def evaluate(args) -> int:
         raise UsageError(f"--cpu-kv-cache-gb must be > 0, got {args.cpu_kv_cache_gb}")
     benchmarks = load_benchmarks(args)
     model = Path(args.model)
-    out = Path(args.out) if args.out else \
-        REPO / "runs" / "eval" / f"{model.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_dir(args, model)
 
     from megatron_hbpo.algo.verify import AnswerVerifier
 
@@ -444,13 +457,7 @@ def evaluate(args) -> int:
         started = time.perf_counter()
         # The verifier's workers import math-verify while the engine starts.
         with AnswerVerifier(num_workers=args.verify_workers, timeout_s=args.verify_timeout) as verifier:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-            except (OSError, ValueError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UsageError(f"--model {model}: no usable tokenizer in {model_dir} ({first})") from None
+            tokenizer = load_tokenizer(model, model_dir)
             prompts = prompt_builder(tokenizer, args)
             max_model_len = context_length(model_dir, prompts, benchmarks, modes, args)
             start = time.perf_counter()
