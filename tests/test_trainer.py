@@ -298,8 +298,9 @@ TWO_RANK_LAYOUTS = {
 
 
 @pytest.mark.dist
-# DP2 also trains in test_ranks_save_and_end_when_torchrun_is_killed, so its own case runs with the slow tests.
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name == "dp2-two-replicas" else name
+# Two replicas also train in test_ranks_save_and_end_when_torchrun_is_killed and PP2 in the policy's
+# equivalence tests, so the default suite runs only the TP2 replica (vLLM's TP group) here.
+@pytest.mark.parametrize("layout", [name if name == "tp2-one-replica" else pytest.param(name, marks=pytest.mark.slow)
                                     for name in TWO_RANK_LAYOUTS])
 def test_two_rank_layouts_train(reference, tmp_path, layout):
     _, warmup, _ = reference
@@ -406,6 +407,7 @@ def test_bad_dataset_row_is_named_before_training(tmp_path):
     assert f"{data}:2: missing or empty 'answer'" in out
 
 
+@pytest.mark.slow  # the default suite stops a broken refit in-process (test_trainer_loop.py)
 def test_refit_check_stops_a_run_whose_refit_is_broken(tmp_path):
     args = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "warmup.steps=0", "train.total_steps=3",
             "train.prompts_per_step=4", "train.mini_batch_prompts=2", "optimizer.lr=1e-3",

@@ -73,7 +73,12 @@ def test_round_trip_is_bit_exact(converted):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("mode", ["tp", "pp"])
+# Each family at one layout by default (Qwen2's q/k/v bias split over TP, Llama's tied embedding over the
+# pipeline's first and last stage); the other two pairs run with the slow tests.
+@pytest.mark.parametrize(("converted", "mode"), [("qwen2", "tp"), ("llama", "pp"),
+                                                 pytest.param("qwen2", "pp", marks=pytest.mark.slow),
+                                                 pytest.param("llama", "tp", marks=pytest.mark.slow)],
+                         indirect=["converted"])
 def test_converted_checkpoint_at_tp2_and_pp2(converted, mode):
     _, root = converted
     proc = run_torchrun("converted_checkpoint.py", "--hf-dir", str(root / "hf"), "--ckpt", str(root / "ckpt"),
@@ -139,6 +144,7 @@ def test_truncated_safetensors(tmp_path, tiny_hf):
     assert_refused(tmp_path, bad, "may be truncated")
 
 
+@pytest.mark.parametrize("converted", ["qwen2"], indirect=True)  # the refusal does not depend on the family
 def test_existing_output_needs_overwrite(tmp_path, converted):
     _, root = converted
     proc = convert("convert_hf_to_megatron.py", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt"))

@@ -4,6 +4,10 @@
     torchrun --nproc-per-node 2 policy_equivalence.py --mode tp|pp|dp|dp_distopt --ref REF.pt
     torchrun --nproc-per-node 1 policy_equivalence.py --mode gpu --ref REF.pt    (CUDA against a CPU REF)
 
+`--loss` names the losses to compare, comma-separated (default clipped: HBPO's token-mean clipped
+loss); one process runs each in turn, so the reference and each parallel mode start up once for all
+of them. The reference file and the report hold one entry per loss, then per model family.
+
 `--loss anytime` runs them with AnytimeReasoner's packed tree rows (a prompt + thinking trunk and
 summary branches that see it up to their cut, per-token advantages, inserted tokens out of the loss)
 and its loss normalised by the constant N_rows * C (docs/anytime.md, "Loss").
@@ -47,7 +51,6 @@ VOCAB = 100
 TOL = 2e-6  # fp32, different reduction orders
 LOSSES = {"clipped": ClippedLoss(temperature=1.0), "sequence": AdaptThinkLoss(temperature=1.0),
           "anytime": AnytimeLoss(temperature=1.0, loss_normalizer=50)}
-LOSS = LOSSES["clipped"]  # --loss picks
 
 MODELS = {
     "qwen2": dict(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -107,55 +110,64 @@ def make_tree_rows() -> list[PolicySequence]:
     return rows
 
 
-def make_sequences() -> list[PolicySequence]:
-    if LOSS is LOSSES["anytime"]:
+def make_sequences(loss: str) -> list[PolicySequence]:
+    if loss == "anytime":
         return make_tree_rows()
     g = torch.Generator().manual_seed(7)
     sequences = []
     for length, prompt in [(40, 7), (9, 3), (23, 5), (6, 2), (31, 6), (17, 4), (12, 2)]:
         tokens = torch.randint(0, VOCAB, (length,), generator=g).tolist()
         sequences.append(PolicySequence(tokens, prompt, advantage=float(torch.randn(1, generator=g))))
-    if LOSS is LOSSES["sequence"]:  # a forced first token sampled with probability 0.5 (AdaptThink's)
+    if loss == "sequence":  # a forced first token sampled with probability 0.5 (AdaptThink's)
         for seq in sequences:
             seq.logp_rollout = torch.cat([torch.tensor([-0.6931471805599453]), torch.zeros(seq.response_length - 1)])
     return sequences
 
 
-def reference(out_path: str, attention: str) -> int:
+def reference(out_path: str, attention: str, losses: list[str]) -> int:
     runtime.configure()
     parallel.initialize(ParallelConfig(), seed=1234)
+    result: dict = {}
+    report: dict = {}
+    for name in losses:
+        result[name], report[name] = reference_for(name, attention)
+    torch.save(result, out_path)
+    write_report(report)
+    return 0
+
+
+def reference_for(loss_name: str, attention: str) -> tuple[dict, dict]:
+    loss_fn = LOSSES[loss_name]
     result, report = {}, {}
     for family in MODELS:
         recipe = recipe_for(family, "ref", 1, attention)
-        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model), tree_rows=LOSS is LOSSES["anytime"])
+        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model), tree_rows=loss_name == "anytime")
         weights0 = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
-        sequences = make_sequences()
+        sequences = make_sequences(loss_name)
         logp = policy.logprobs(sequences, temperature=1.0)
         g = torch.Generator().manual_seed(11)
         # Rollout log-probs a little off the trainer's, so that some ratios are clipped.
         logp_old = [x + 0.3 * torch.randn(x.shape, generator=g) for x in logp]
         for seq, old in zip(sequences, logp_old):
             seq.logp_old = old
-        sums, _, _ = policy.forward_backward(sequences, LOSS)
+        sums, _, _ = policy.forward_backward(sequences, loss_fn)
         grads = {name: t.clone() for name, t in iter_full_tensors(policy.model[0], grads=True)}
         # The same mini-batch in one micro-batch instead of several: the same token-mean gradient.
         policy.micro_batch_tokens = 1000
-        _, _, single = policy.forward_backward(sequences, LOSS)
+        _, _, single = policy.forward_backward(sequences, loss_fn)
         policy.micro_batch_tokens = recipe.train.micro_batch_tokens
         split_diff = max(float((t - grads[name]).abs().max()) for name, t in iter_full_tensors(policy.model[0], grads=True))
-        if LOSS is LOSSES["anytime"]:
+        if loss_name == "anytime":
             report[f"{family} transformers"] = packed_vs_transformers(policy, recipe, sequences, logp)
         policy.optimizer.step()
         weights1 = dict(iter_full_tensors(policy.model[0]))
         loss = sums["loss"] / sums["normalizer"]
-        clipped = sums[LOSS.metric_names[0]]
+        clipped = sums[loss_fn.metric_names[0]]
         result[family] = dict(weights0=weights0, logp=logp, logp_old=logp_old, loss=loss,
                               clipped=clipped, grads=grads, weights1=weights1)
         report[family] = {"single_micro_batches": single, "split_grad_diff": split_diff, "loss": loss,
                           "tokens": sums["tokens"], "clipped": clipped, "normalizer": sums["normalizer"]}
-    torch.save(result, out_path)
-    write_report(report)
-    return 0
+    return result, report
 
 
 def packed_vs_transformers(policy, recipe: Recipe, rows: list[PolicySequence], logp: list[torch.Tensor]) -> dict:
@@ -208,7 +220,7 @@ def max_diff(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got[:rows].double().cpu() - want[:rows].double().cpu()).abs().max())
 
 
-def check(mode: str, ref_path: str, attention: str) -> int:
+def check(mode: str, ref_path: str, attention: str, losses: list[str]) -> int:
     ref = torch.load(ref_path)
     runtime.configure()
     if mode == "gpu":
@@ -217,14 +229,23 @@ def check(mode: str, ref_path: str, attention: str) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     parallel.initialize(PARALLEL[mode], seed=1234)
+    report = {name: check_loss(mode, ref[name], attention, name) for name in losses}
+    dist.barrier()
+    dist.destroy_process_group()
+    write_report(report)
+    return 0
+
+
+def check_loss(mode: str, ref: dict, attention: str, loss_name: str) -> dict:
+    loss_fn = LOSSES[loss_name]
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict = {}
     for family in MODELS:
         recipe = recipe_for(family, mode, world, attention)
         expected = ref[family]
-        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model), tree_rows=LOSS is LOSSES["anytime"])
+        policy = policy_from_recipe(recipe, hf_config_from_recipe(recipe.model), tree_rows=loss_name == "anytime")
         policy.load_full_state(lambda name: expected["weights0"][name])
-        sequences = make_sequences()
+        sequences = make_sequences(loss_name)
         mine = list(range(len(sequences)))
         if mode.startswith("dp"):  # uneven data-parallel shares: 2 long sequences vs 5
             mine = [0, 4] if rank == 0 else [1, 2, 3, 5, 6]
@@ -234,9 +255,9 @@ def check(mode: str, ref_path: str, attention: str) -> int:
         got: dict = {"logp_diff": max(float((a.cpu() - expected["logp"][i]).abs().max()) for a, i in zip(logp, mine))}
         for seq, i in zip(sequences, mine):
             seq.logp_old = expected["logp_old"][i]
-        sums, padding, micro_batches = policy.forward_backward(sequences, LOSS)
+        sums, padding, micro_batches = policy.forward_backward(sequences, loss_fn)
         got.update(loss_diff=abs(float(sums["loss"] / sums["normalizer"] - expected["loss"])),
-                   clipped=sums[LOSS.metric_names[0]], expected_clipped=expected["clipped"],
+                   clipped=sums[loss_fn.metric_names[0]], expected_clipped=expected["clipped"],
                    micro_batches=micro_batches, padding=padding, normalizer=sums["normalizer"])
         if not recipe.optimizer.use_distributed_optimizer:  # its grads are reduce-scattered shards
             got["grad_diff"] = max(max_diff(name, grad, expected["grads"][name])
@@ -244,23 +265,20 @@ def check(mode: str, ref_path: str, attention: str) -> int:
         policy.optimizer.step()
         got["step_diff"] = max(max_diff(name, weight, expected["weights1"][name])
                                for name, weight in iter_full_tensors(policy.model[0]))
-        if mode == "dp" and LOSS is not LOSSES["anytime"]:
-            got["nonfinite"] = check_nonfinite_stops_the_step(policy, sequences, rank)
+        if mode == "dp" and loss_name != "anytime":
+            got["nonfinite"] = check_nonfinite_stops_the_step(policy, sequences, rank, loss_fn)
         report[family] = got
-    dist.barrier()
-    dist.destroy_process_group()
-    write_report(report)
-    return 0
+    return report
 
 
-def check_nonfinite_stops_the_step(policy, sequences: list[PolicySequence], rank: int) -> dict:
+def check_nonfinite_stops_the_step(policy, sequences: list[PolicySequence], rank: int, loss_fn) -> dict:
     """A NaN advantage on rank 1: the step must raise on both ranks and leave the weights alone."""
     before = {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
     if rank == 1:
         sequences[-1].advantage = float("nan")
     message = None
     try:
-        policy.train_step(sequences, LOSS)
+        policy.train_step(sequences, loss_fn)
     except NonFiniteError as error:
         message = str(error)
     finally:
@@ -276,15 +294,16 @@ def main() -> int:
     parser.add_argument("--ref")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "unfused"],
                         help="model.attention_backend of this run")
-    parser.add_argument("--loss", default="clipped", choices=sorted(LOSSES),
-                        help="clipped (HBPO's token mean), sequence (AdaptThink's sequence mean) or anytime "
-                             "(packed tree rows, constant normaliser)")
+    parser.add_argument("--loss", default="clipped",
+                        help="comma-separated, from clipped (HBPO's token mean), sequence (AdaptThink's sequence "
+                             "mean) and anytime (packed tree rows, constant normaliser)")
     args = parser.parse_args()
-    global LOSS
-    LOSS = LOSSES[args.loss]
+    losses = args.loss.split(",")
+    if unknown := [name for name in losses if name not in LOSSES]:
+        parser.error(f"--loss: unknown {', '.join(unknown)} (from {', '.join(LOSSES)})")
     if args.mode == "ref":
-        return reference(args.out, args.attention)
-    return check(args.mode, args.ref, args.attention)
+        return reference(args.out, args.attention, losses)
+    return check(args.mode, args.ref, args.attention, losses)
 
 
 if __name__ == "__main__":

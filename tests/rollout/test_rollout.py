@@ -68,6 +68,7 @@ def test_refit_equals_fresh_engine_tied_and_untied(tmp_path):
         assert row["same_ids"] and row["max_logp_diff"] < 1e-5, row
 
 
+@pytest.mark.slow  # the negative control of the parity test above, which stays in the default suite
 def test_plain_reload_leaves_tied_output_layer_stale(tmp_path):
     """Negative control: without re-tying, vLLM's reload alone keeps the old output layer of a tied model
     (this is what the parity check above would catch)."""
