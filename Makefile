@@ -1,4 +1,5 @@
-# `make run`: set up ./.venv (first time only) and train the embedded default on CPU (HBPO, ~10 min).
+# `make run`: set up ./.venv (first time only) and train the embedded default on CPU (HBPO from the shipped
+# warm-up base, ~4 min; `make run-full` also trains the base).
 # `make test`: set up ./.venv (first time only) and run the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 LAUNCH_VENV := .venv-launch
 LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
 
-.PHONY: setup run run-grpo demo-seeds test test-slow lint test-tools launch-env real-model-deps real-model-test clean-venv
+.PHONY: setup run run-full warmup-base run-grpo demo-seeds test test-slow lint test-tools launch-env real-model-deps real-model-test clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +28,15 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: setup
 	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml
+
+# The same run with the warm-up trained here instead of the shipped base (assets/tiny_cpu_warmup): the
+# full path, ~2.5x `make run`'s time.
+run-full: setup
+	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml warmup.prebuilt=null
+
+# Rebuild the shipped warm-up base after a change to the warm-up (tests/test_warmup.py says when).
+warmup-base: setup
+	OMP_NUM_THREADS=1 $(PY) tools/build_warmup_base.py --config recipes/tiny_cpu.yaml
 
 # The embedded default over three seeds, each with its own warm-up base; prints every before/after cell
 # (accuracy and mean tokens per level and prompt mode) as mean [min, max] (about 3 x `make run`).

@@ -416,6 +416,10 @@ class WarmupConfig:
     summary_cut_fraction: float = bounded(0.0, ge=0, le=1)
     dir: str | None = None
     seed: int = 4321
+    # A base built ahead by this warm-up code (`make warmup-base`; recipes/tiny_cpu.yaml ships one in assets/):
+    # used when its fingerprint equals this recipe's warm-up, code included; otherwise the warm-up trains into
+    # `dir` as without it. null: always train (the full path).
+    prebuilt: str | None = None
 
 
 @dataclass

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
     from megatron_hbpo.megatron.train_step import MegatronPolicy
     from megatron_hbpo.rollout.engine import RolloutEngine
     from megatron_hbpo.trainer import Trainer
+    from megatron_hbpo.warmup import WarmupBase
 
 PREEMPTED_EXIT = 143
 
@@ -197,7 +197,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
     from megatron_hbpo.evaluation.summary import build_summary, plot_summary
     from megatron_hbpo.megatron import parallel
     from megatron_hbpo.megatron.train_step import MegatronPolicy
-    from megatron_hbpo.warmup import run_warmup
+    from megatron_hbpo.warmup import reference_speed, run_warmup
 
     m, r, t, a, e = recipe.model, recipe.rollout, recipe.train, recipe.algo, recipe.eval
     source = PromptSource(recipe.data, t.seed, log=_log_rank0)  # bad data fails here, before any process group
@@ -205,11 +205,19 @@ def _run(recipe: Recipe, wall_start: float) -> int:
     tokenizer, hf_config = load_tokenizer_and_config(m, recipe.data, summary_markers=recipe.tree_rows)
     run_dir = Path(recipe.logging.dir)
     phases = Timer()  # the run's time split, printed at the end and kept in summary.json
+    warmup_args = dict(model=m, parallel=recipe.parallel, optimizer=recipe.optimizer, data=recipe.data, algo=a,
+                       micro_batch_tokens=t.micro_batch_tokens, hf_config=hf_config, tokenizer=tokenizer)
     with phases("warm-up"):
-        warmup_weights = run_warmup(recipe.warmup, model=m, parallel=recipe.parallel, optimizer=recipe.optimizer,
-                                    data=recipe.data, algo=a, micro_batch_tokens=t.micro_batch_tokens,
-                                    checkpoint_dir=recipe.checkpoint.dir, hf_config=hf_config, tokenizer=tokenizer,
-                                    log=_log_rank0) if recipe.warmup.steps else None
+        base = run_warmup(recipe.warmup, checkpoint_dir=recipe.checkpoint.dir, log=_log_rank0,
+                          **warmup_args) if recipe.warmup.steps else None
+    reference = None  # this machine's speed on a fixed workload, which a reused base did not measure here
+    if base is not None:
+        if base.trained_here:
+            reference = base.record.get("reference_tokens_per_s")
+        else:
+            with phases("reference workload"):
+                reference = reference_speed(recipe.warmup, **warmup_args)
+    warmup_weights = base.weights if base is not None else None
 
     policy = MegatronPolicy(hf_config, m, recipe.parallel, recipe.optimizer, micro_batch_tokens=t.micro_batch_tokens,
                             optimizer_steps=t.total_steps * (t.prompts_per_step // t.mini_batch_prompts),
@@ -260,7 +268,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
                     dist.barrier()
                     engine.close()
                     return 0
-                timing = run_timing(phases.seconds, time.perf_counter() - wall_start, warmup_weights)
+                timing = run_timing(phases.seconds, time.perf_counter() - wall_start, base, reference)
                 summary = build_summary(json.loads(before_path.read_text()), after,
                                         wall_seconds=timing["total_s"], timing=timing, recipe=recipe.name,
                                         algo=a.name, center_intra=a.center_intra, steps=t.total_steps)
@@ -277,29 +285,38 @@ def _run(recipe: Recipe, wall_start: float) -> int:
             verifier.close()
 
 
-def run_timing(phases: dict[str, float], total_s: float, warmup_weights: Path | None) -> dict[str, Any]:
+def run_timing(phases: dict[str, float], total_s: float, base: WarmupBase | None,
+               reference_tokens_per_s: float | None) -> dict[str, Any]:
     """The run's time split (seconds): warm-up, evaluations, training steps, and the rest (start-up: imports,
-    the model, the vLLM engine). With the warm-up's own record (warmup.json): its response tokens/s, a fixed
-    workload's speed to read the total against on another machine, and whether this run trained it."""
-    from megatron_hbpo.warmup import FINGERPRINT_FILE
-
+    the model, the vLLM engine). With a warm-up: the reference workload's speed in this run (the warm-up's first
+    steps, in response tokens/s; the same work on every machine, to read the total against on another one),
+    and from the base's record the speed of the run that trained it and its warm-up's time."""
     timing: dict[str, Any] = {"total_s": total_s, **{f"{name}_s": v for name, v in phases.items()}}
     timing["other_s"] = total_s - sum(phases.values())
-    record = warmup_weights.parent / FINGERPRINT_FILE if warmup_weights is not None else None
-    if record is not None and record.is_file():
-        done = json.loads(record.read_text())
-        timing["warmup_tokens_per_s"] = done.get("tokens_per_s")
-        timing["warmup_trained_here"] = phases.get("warm-up", 0.0) > 0.5 * done.get("seconds", math.inf)
+    if base is not None:
+        timing["warmup_trained_here"] = base.trained_here
+        timing["reference_tokens_per_s"] = reference_tokens_per_s
+        timing["warmup_tokens_per_s"] = base.record.get("tokens_per_s")  # of the run that trained the base
+        timing["base_reference_tokens_per_s"] = base.record.get("reference_tokens_per_s")
+        timing["base_warmup_s"] = base.record.get("seconds")
     return timing
 
 
 def timing_line(timing: dict[str, Any]) -> str:
-    names = ("warm-up_s", "evaluations_s", "training steps_s", "other_s")
+    from megatron_hbpo.warmup import REFERENCE_STEPS
+
+    names = ("warm-up_s", "reference workload_s", "evaluations_s", "training steps_s", "other_s")
     parts = [f"{name[:-2]} {timing[name]:.0f} s" for name in names if name in timing]
     line = f"time: {timing['total_s']:.0f} s in all ({', '.join(parts)})"
-    if timing.get("warmup_tokens_per_s"):
-        where = "this run" if timing.get("warmup_trained_here") else "the run that trained the reused warm-up"
-        line += f"; reference workload: the warm-up at {timing['warmup_tokens_per_s']:.0f} response tok/s ({where})"
+    if timing.get("reference_tokens_per_s"):
+        line += (f"; reference workload (the warm-up's first {REFERENCE_STEPS} steps): "
+                 f"{timing['reference_tokens_per_s']:.0f} response tok/s")
+        if not timing.get("warmup_trained_here") and timing.get("base_reference_tokens_per_s") \
+                and timing.get("base_warmup_s"):
+            # What training the base here would add: its warm-up time scaled by the two machines' speeds.
+            here = timing["base_warmup_s"] * timing["base_reference_tokens_per_s"] / timing["reference_tokens_per_s"]
+            line += (f" (the base's own run: {timing['base_reference_tokens_per_s']:.0f}; training the base here "
+                     f"would add ~{here:.0f} s)")
     return line
 
 

@@ -6,12 +6,16 @@ budget the prompt names (the over-thinking base HBPO starts from). Its first-pas
 wrong at `warmup.error_rate`, which only the checked styles catch. `warmup.style_mix` sets the
 shares. The result is a weights-only dist checkpoint in `warmup.dir`, with a fingerprint of what
 produced it, so an HBPO run and its GRPO baseline start from the same base and the second run
-reuses the first one's warm-up instead of repeating it.
+reuses the first one's warm-up instead of repeating it. The fingerprint includes a digest of this
+module and the task's data code, so a change to how the base is made is never mistaken for the old
+base. `warmup.prebuilt` names a base built ahead by the same code (tools/build_warmup_base.py,
+`make warmup-base`), used only when its fingerprint matches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -35,6 +39,30 @@ if TYPE_CHECKING:
     from megatron_hbpo.megatron.train_step import MegatronPolicy
 
 FINGERPRINT_FILE = "warmup.json"
+# The code that decides what the base learns: the warm-up's data and loop here, the task's problems and
+# chains, and the prompt format. Its digest is part of the fingerprint (the Megatron stack underneath is not:
+# a change there that moves the numbers needs `make warmup-base` by hand).
+WARMUP_SOURCES = ("warmup.py", "data/synthetic.py", "data/chat.py")
+# The reference workload a run is timed against: the warm-up's first steps, the same work on every machine.
+REFERENCE_STEPS = 20
+
+
+@dataclasses.dataclass
+class WarmupBase:
+    """The base a run starts from: its weights, its record (warmup.json) and whether this run trained it."""
+
+    weights: Path
+    record: dict
+    trained_here: bool
+
+
+def source_digest() -> str:
+    """SHA-256 over WARMUP_SOURCES (names and bytes)."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in WARMUP_SOURCES:
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def prompt_budgets(warmup: WarmupConfig, algo: AlgoConfig) -> list[int]:
@@ -50,7 +78,7 @@ def fingerprint(warmup: WarmupConfig, model: ModelConfig, data: DataConfig, algo
                 micro_batch_tokens: int) -> dict:
     """Everything the warm-up weights depend on (not the RL settings, which may differ between runs)."""
     # prompt_budgets enters resolved, as "budgets"; dir is where, not what.
-    fields = {k: v for k, v in dataclasses.asdict(warmup).items() if k not in ("dir", "prompt_budgets")}
+    fields = {k: v for k, v in dataclasses.asdict(warmup).items() if k not in ("dir", "prompt_budgets", "prebuilt")}
     summaries = algo.name == "anytime"
     if not summaries:  # the anytime-only field leaves the other recipes' fingerprints as they were
         fields.pop("summary_cut_fraction")
@@ -58,7 +86,27 @@ def fingerprint(warmup: WarmupConfig, model: ModelConfig, data: DataConfig, algo
             "levels": list(data.synthetic_levels), "budgets": prompt_budgets(warmup, algo),
             "budget_template": algo.budget_template, "think_open": algo.think_open,
             "think_close": algo.think_close, "prompt_template": data.prompt_template,
-            "micro_batch_tokens": micro_batch_tokens, "task_version": TASK_VERSION}
+            "micro_batch_tokens": micro_batch_tokens, "task_version": TASK_VERSION, "code": source_digest()}
+
+
+def fingerprint_difference(found: dict, expected: dict) -> list[str]:
+    """The fields (dotted, one level into dicts) in which two fingerprints differ."""
+    keys = []
+    for key in sorted(set(found) | set(expected)):
+        a, b = found.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            keys.append(key)
+    return keys
+
+
+def read_record(directory: Path) -> dict | None:
+    """A finished warm-up's record (warmup.json), or None where there is no complete one."""
+    path = directory / FINGERPRINT_FILE
+    if not path.is_file() or not (directory / "weights").is_dir():
+        return None
+    return json.loads(path.read_text())
 
 
 def warmup_sequences(prompts: PromptBuilder, rng: random.Random, count: int, warmup: WarmupConfig,
@@ -134,54 +182,61 @@ def summary_sequence(tokenizer: PreTrainedTokenizerBase, rng: random.Random, pro
     return PolicySequence(tokens=prompt_ids + response_ids, prompt_length=len(prompt_ids), trainable=trainable)
 
 
+def finished_base(warmup: WarmupConfig, model: ModelConfig, data: DataConfig, algo: AlgoConfig,
+                  micro_batch_tokens: int, checkpoint_dir: str) -> Path | None:
+    """The weights a run of this recipe would start from without training: the matching prebuilt base, else a
+    matching finished warm-up in warmup.dir; None if neither."""
+    expected = fingerprint(warmup, model, data, algo, micro_batch_tokens)
+    for directory in ([Path(warmup.prebuilt)] if warmup.prebuilt else []) + [warmup_dir(warmup, checkpoint_dir)]:
+        found = read_record(directory)
+        if found is not None and found.get("fingerprint") == expected:
+            return directory / "weights"
+    return None
+
+
 def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
                data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int, checkpoint_dir: str,
                hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
-               log: Callable[[str], None] = print) -> Path:
-    """Train the base (or reuse a matching earlier warm-up) and return its weights directory.
+               log: Callable[[str], None] = print) -> WarmupBase:
+    """Train the base (or use a matching prebuilt or earlier warm-up) and return it.
 
     Collective: every rank calls it. Requires `megatron.parallel.initialize`. `optimizer` is the
     recipe's: the warm-up keeps its Adam settings and replaces the schedule with its own (cosine).
     """
-    from megatron.core import parallel_state
-
     from megatron_hbpo.megatron.checkpoint import save_weights
-    from megatron_hbpo.megatron.train_step import MegatronPolicy
 
     w = warmup
     out = warmup_dir(w, checkpoint_dir)
     weights = out / "weights"
     expected = fingerprint(w, model, data, algo, micro_batch_tokens)
-    if (out / FINGERPRINT_FILE).is_file():
-        found = json.loads((out / FINGERPRINT_FILE).read_text())
-        if found.get("fingerprint") == expected and weights.is_dir():
+    if w.prebuilt:
+        prebuilt = Path(w.prebuilt)
+        found = read_record(prebuilt)
+        if found is not None and found.get("fingerprint") == expected:
+            log(f"warm-up: using the prebuilt base {prebuilt} ({found.get('steps')} steps, final loss "
+                f"{found.get('final_loss'):.4f}; warmup.prebuilt=null trains it here instead)")
+            return WarmupBase(prebuilt / "weights", found, trained_here=False)
+        differ = fingerprint_difference(found.get("fingerprint", {}), expected) if found is not None else []
+        why = f"was made by other settings or code ({', '.join(differ)} differ)" if differ else "is missing"
+        # A recipe's own warm-up settings are a choice; a missing or outdated shipped base is to be rebuilt.
+        hint = " (`make warmup-base` rebuilds the shipped one)" if not differ or "code" in differ else ""
+        log(f"warm-up: the prebuilt base {prebuilt} {why}; training this recipe's own in {out}{hint}")
+    found = read_record(out)
+    if found is not None:
+        if found.get("fingerprint") == expected:
             log(f"warm-up: reusing {weights} ({found.get('steps')} steps, final loss {found.get('final_loss'):.4f})")
-            return weights
-        raise FileExistsError(f"{out} holds a warm-up made with other settings (model, warmup or task fields "
-                              "differ); delete it or set warmup.dir to another directory")
+            return WarmupBase(weights, found, trained_here=False)
+        raise FileExistsError(f"{out} holds a warm-up made with other settings or code ("
+                              + ", ".join(fingerprint_difference(found.get("fingerprint", {}), expected))
+                              + " differ); delete it or set warmup.dir to another directory")
     if dist.get_rank() == 0 and weights.exists():  # left by a run killed before it wrote the fingerprint
         import shutil
 
         shutil.rmtree(weights)
     dist.barrier()
-    warm_optimizer = dataclasses.replace(optimizer, lr=w.lr, min_lr=w.min_lr, lr_schedule="cosine",
-                                         lr_warmup_steps=min(50, w.steps // 10), weight_decay=w.weight_decay)
-    policy = MegatronPolicy(hf_config, model, parallel, warm_optimizer, micro_batch_tokens=micro_batch_tokens,
-                            optimizer_steps=w.steps)
-    prompts = PromptBuilder(tokenizer, PromptFormat.of(data, algo))
-    loss = SFTLoss()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    per_rank = w.sequences_per_step // parallel_state.get_data_parallel_world_size()
-    start, final_loss, tokens = time.perf_counter(), float("nan"), 0
-    for step in range(1, w.steps + 1):
-        # Seeded by (seed, step, DP rank): every TP/PP rank of a DP group sees the same data.
-        rng = random.Random(f"{w.seed}:{step}:{dp_rank}")
-        result = policy.train_step(warmup_sequences(prompts, rng, per_rank, w, data, algo), loss)
-        final_loss, tokens = result.loss, tokens + result.response_tokens
-        if step == 1 or step % max(1, w.steps // 10) == 0 or step == w.steps:
-            log(f"warm-up step {step}/{w.steps}: loss {final_loss:.4f}, lr {result.lr:.2e}, "
-                f"{tokens / (time.perf_counter() - start):.0f} response tok/s")
-    seconds = time.perf_counter() - start
+    policy, prompts = _warmup_policy(w, model=model, parallel=parallel, optimizer=optimizer, data=data, algo=algo,
+                                     micro_batch_tokens=micro_batch_tokens, hf_config=hf_config, tokenizer=tokenizer)
+    final_loss, tokens, seconds, reference = _train(policy, prompts, w, data, algo, w.steps, log)
     # Did the base learn the additions? Its first results should be wrong about as often as the data's
     # (error_rate); a base stuck on the modular-addition plateau slips far more, and RL then starts from a
     # model that cannot add (README, "The embedded default").
@@ -194,11 +249,61 @@ def run_warmup(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelCo
            "additions are learned), so RL starts from a model that guesses: raise warmup.steps or weight_decay"))
     out.mkdir(parents=True, exist_ok=True)
     save_weights(policy.model[0], weights)
+    # tokens_per_s: the machine's speed on a fixed workload, the reference a run's time is read against;
+    # reference_tokens_per_s: the same over the first REFERENCE_STEPS steps, which a run that reuses the base
+    # measures again (reference_speed) to compare machines.
+    record = {"fingerprint": expected, "steps": w.steps, "final_loss": final_loss, "seconds": seconds,
+              "tokens_per_s": tokens / seconds, "reference_tokens_per_s": reference, "slip_rate": slip}
     if dist.get_rank() == 0:
-        # tokens_per_s: the machine's speed on a fixed workload, the reference a run's time is read against.
-        atomic.write_json(out / FINGERPRINT_FILE, {"fingerprint": expected, "steps": w.steps, "final_loss": final_loss,
-                                                   "seconds": seconds, "tokens_per_s": tokens / seconds,
-                                                   "slip_rate": slip})
+        atomic.write_json(out / FINGERPRINT_FILE, record)
     dist.barrier()
     del policy
-    return weights
+    return WarmupBase(weights, record, trained_here=True)
+
+
+def reference_speed(warmup: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig,
+                    optimizer: OptimizerConfig, data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int,
+                    hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> float:
+    """The reference workload of a run that did not train its base: the warm-up's first REFERENCE_STEPS steps on
+    a throwaway model, in response tokens/s (a few seconds on the tiny model). Collective."""
+    policy, prompts = _warmup_policy(warmup, model=model, parallel=parallel, optimizer=optimizer, data=data,
+                                     algo=algo, micro_batch_tokens=micro_batch_tokens, hf_config=hf_config,
+                                     tokenizer=tokenizer)
+    _, _, _, reference = _train(policy, prompts, warmup, data, algo, min(REFERENCE_STEPS, warmup.steps), None)
+    del policy
+    return reference
+
+
+def _warmup_policy(w: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
+                   data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int, hf_config: PretrainedConfig,
+                   tokenizer: PreTrainedTokenizerBase) -> tuple[MegatronPolicy, PromptBuilder]:
+    from megatron_hbpo.megatron.train_step import MegatronPolicy
+
+    warm_optimizer = dataclasses.replace(optimizer, lr=w.lr, min_lr=w.min_lr, lr_schedule="cosine",
+                                         lr_warmup_steps=min(50, w.steps // 10), weight_decay=w.weight_decay)
+    policy = MegatronPolicy(hf_config, model, parallel, warm_optimizer, micro_batch_tokens=micro_batch_tokens,
+                            optimizer_steps=w.steps)
+    return policy, PromptBuilder(tokenizer, PromptFormat.of(data, algo))
+
+
+def _train(policy: MegatronPolicy, prompts: PromptBuilder, w: WarmupConfig, data: DataConfig, algo: AlgoConfig,
+           steps: int, log: Callable[[str], None] | None) -> tuple[float, int, float, float]:
+    """Steps 1..steps of the warm-up: (final loss, response tokens, seconds, tokens/s of the first
+    REFERENCE_STEPS steps)."""
+    from megatron.core import parallel_state
+
+    loss = SFTLoss()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    per_rank = w.sequences_per_step // parallel_state.get_data_parallel_world_size()
+    start, final_loss, tokens, reference = time.perf_counter(), float("nan"), 0, float("nan")
+    for step in range(1, steps + 1):
+        # Seeded by (seed, step, DP rank): every TP/PP rank of a DP group sees the same data.
+        rng = random.Random(f"{w.seed}:{step}:{dp_rank}")
+        result = policy.train_step(warmup_sequences(prompts, rng, per_rank, w, data, algo), loss)
+        final_loss, tokens = result.loss, tokens + result.response_tokens
+        if step == min(REFERENCE_STEPS, steps):
+            reference = tokens / (time.perf_counter() - start)
+        if log is not None and (step == 1 or step % max(1, w.steps // 10) == 0 or step == w.steps):
+            log(f"warm-up step {step}/{w.steps}: loss {final_loss:.4f}, lr {result.lr:.2e}, "
+                f"{tokens / (time.perf_counter() - start):.0f} response tok/s")
+    return final_loss, tokens, time.perf_counter() - start, reference

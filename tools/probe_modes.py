@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_hbpo.megatron.checkpoint import list_checkpoints, load_training_state, load_weights
     from megatron_hbpo.megatron.train_step import MegatronPolicy
     from megatron_hbpo.train import load_tokenizer_and_config
-    from megatron_hbpo.warmup import chain_scores, warmup_dir
+    from megatron_hbpo.warmup import chain_scores, finished_base
 
     parallel.initialize(recipe.parallel, 0)
     tokenizer, hf_config = load_tokenizer_and_config(recipe.model, recipe.data)
@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     m = recipe.model
     policy = MegatronPolicy(hf_config, m, recipe.parallel, recipe.optimizer,
                             micro_batch_tokens=recipe.train.micro_batch_tokens, optimizer_steps=1)
-    base_weights = Path(args.base) if args.base else warmup_dir(recipe.warmup, recipe.checkpoint.dir) / "weights"
+    base_weights = Path(args.base) if args.base else finished_base(
+        recipe.warmup, m, recipe.data, a, recipe.train.micro_batch_tokens, recipe.checkpoint.dir)
+    if base_weights is None:
+        print(f"error: --base: {args.config} has no finished warm-up base (prebuilt or in warmup.dir) matching its "
+              "settings; run the recipe first or name the base's weights directory", file=sys.stderr)
+        return 2
     load_weights(policy.model[0], base_weights)
     before = measure(policy)
     step = Path(args.step) if args.step else list_checkpoints(recipe.checkpoint.dir)[-1]
