@@ -1,14 +1,18 @@
 """Train HBPO and its baselines from one warm-up base on the embedded task and print one comparison table.
 
-    python -m megatron_hbpo.compare [--methods grpo,tlmre,l1_max,adaptthink,hbpo] [--seeds 1234,1235]
-                                    [--warmup-per-seed [--jobs 1]] [--short] [--out runs/compare] [--nproc 1]
+    python -m megatron_hbpo.compare [--methods grpo,tlmre,l1_max,adaptthink,hbpo,anytime_grpo,anytime]
+                                    [--seeds 1234,1235] [--warmup-per-seed [--jobs 1]] [--short]
+                                    [--out runs/compare] [--nproc 1]
                                     [dotted.overrides ...]
 
 The multi-seed demo (`make demo-seeds`): `make run`'s recipe over three seeds, each with its own warm-up,
 
     python -m megatron_hbpo.compare --methods hbpo --seeds 1234,1235,1236 --warmup-per-seed --out runs/demo_seeds
 
-The anytime methods compare among themselves (acc(b) curves, not the natural-mode table):
+The anytime methods (AnytimeReasoner and its GRPO baseline) train from a warm-up base of their own (the task's
+tokenizer gains the forced-summary markers, and the warm-up teaches answering after a cut), so they are
+compared among themselves, by acc(b) curves on a budget grid, in a second table (anytime_comparison.md,
+or comparison.md when only they run):
 
     python -m megatron_hbpo.compare --methods anytime_grpo,anytime [--seeds ...] [--table-only] ...
 
@@ -25,11 +29,11 @@ budget and soft-violation rates, mean overshoot, mean absolute deviation, r(N, L
 over the seeds with [min, max]. A second table holds every cell of the evaluation (accuracy % and mean
 response tokens per prompt mode and level) for the base (before training) and each method (after), each
 as the mean over the seeds [min, max]. Without --warmup-per-seed every seed starts from the recipe's one
-warm-up base (warmup.seed, warmup.dir), so the spread is the RL's and the evaluation's alone; with it,
-seed S also trains its own base (warmup.seed=S, in <out>/warmup/seed_S, shared by the seed's methods),
-so the spread covers the warm-up's variance too. `--short` is a smoke run (a 40-step warm-up of its own, 2 steps, 4
-problems per level): its numbers mean nothing. Writes <out>/comparison.md and comparison.json; each
-run's directory keeps its logs, metrics.jsonl and eval_*.json.
+warm-up base (warmup.prebuilt where it matches, else warmup.seed in warmup.dir), so the spread is the RL's
+and the evaluation's alone; with it, seed S also trains its own base (warmup.seed=S, in <out>/warmup/seed_S,
+shared by the seed's methods), so the spread covers the warm-up's variance too. `--short` is a smoke run (a
+40-step warm-up of its own, 2 steps, 4 problems per level): its numbers mean nothing. Writes
+<out>/comparison.md and comparison.json; each run's directory keeps its logs, metrics.jsonl and eval_*.json.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_hbpo import atomic
-from megatron_hbpo.config import ConfigError, load_recipe
+from megatron_hbpo.config import ConfigError, Recipe, load_recipe
 from megatron_hbpo.data.chat import NATURAL, budget_mode
 from megatron_hbpo.evaluation.metrics import ALL
 from megatron_hbpo.evaluation.tables import markdown_table
@@ -58,7 +62,7 @@ RECIPES = {"hbpo": "tiny_cpu.yaml", "grpo": "tiny_cpu_grpo.yaml", "tlmre": "tiny
            "adaptthink": "tiny_cpu_adaptthink.yaml", "anytime_grpo": "tiny_cpu_anytime_grpo.yaml",
            "anytime": "tiny_cpu_anytime.yaml"}
 ANYTIME_METHODS = ("anytime_grpo", "anytime")  # compared by acc(b) on a budget grid, not by natural mode
-DEFAULT_METHODS = ("grpo", "tlmre", "l1_max", "adaptthink", "hbpo")
+DEFAULT_METHODS = ("grpo", "tlmre", "l1_max", "adaptthink", "hbpo", "anytime_grpo", "anytime")
 DEFAULT_SEEDS = (1234, 1235)
 L1_EXACT_SHARE = 700 / 820  # L1-Exact's 700 steps before L1-Max's 120 (docs/baselines.md, "L1")
 SHORT = ["warmup.steps=40", "train.total_steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
@@ -99,8 +103,9 @@ def method_runs(method: str, seed: int, out: Path, common: Sequence[str], nproc:
     (warmup.seed=S in out/warmup/seed_S)."""
     run_dir = out / method / f"seed_{seed}"
     own = [f"train.seed={seed}", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir / 'ck'}", *common]
-    if warmup_per_seed:
-        own += [f"warmup.seed={seed}", f"warmup.dir={out / 'warmup' / f'seed_{seed}'}"]
+    if warmup_per_seed:  # the anytime methods' base is another one (forced-summary examples)
+        bases = out / ("warmup_anytime" if method in ANYTIME_METHODS else "warmup")
+        own += [f"warmup.seed={seed}", f"warmup.dir={bases / f'seed_{seed}'}", "warmup.prebuilt=null"]
     if method != "l1_max":
         return [(train_command(RECIPES[method], own, nproc), run_dir / "train.log")]
     exact_steps = max(1, min(total_steps - 1, round(total_steps * L1_EXACT_SHARE)))
@@ -284,36 +289,35 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    anytime = all(m in ANYTIME_METHODS for m in methods)
-    mixed = not anytime and bool(set(methods) & set(ANYTIME_METHODS))
-    if unknown or not methods or not seeds or args.nproc < 1 or args.jobs < 1 or mixed:
-        print(f"error: --methods from {', '.join(RECIPES)} ({', '.join(ANYTIME_METHODS)} only with each other), "
-              f"--seeds integers, --nproc and --jobs >= 1 (got {args.methods!r}, {args.seeds!r}, {args.nproc}, "
-              f"{args.jobs})", file=sys.stderr)
+    plain = [m for m in methods if m not in ANYTIME_METHODS]
+    anytime = [m for m in methods if m in ANYTIME_METHODS]
+    if unknown or not methods or not seeds or args.nproc < 1 or args.jobs < 1:
+        print(f"error: --methods from {', '.join(RECIPES)}, --seeds integers, --nproc and --jobs >= 1 (got "
+              f"{args.methods!r}, {args.seeds!r}, {args.nproc}, {args.jobs})", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
     common = ["logging.progress_bar=false", "logging.tensorboard=false", f"cluster.gpus_per_node={args.nproc}"]
     if args.short:
-        common += [*SHORT, f"warmup.dir={out / 'warmup_short'}"]
+        common += [*SHORT, f"warmup.dir={out / 'warmup_short'}", "warmup.prebuilt=null"]
     common += list(args.overrides)
     try:
-        hbpo = load_recipe(REPO / "recipes" / RECIPES[methods[0] if anytime else "hbpo"], common)
-        for method in methods:
-            load_recipe(REPO / "recipes" / RECIPES[method], common)
+        recipes = {method: load_recipe(REPO / "recipes" / RECIPES[method], common) for method in methods}
+        hbpo = load_recipe(REPO / "recipes" / RECIPES["hbpo"], common)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    # HBPO's budget prompts for every method: HBPO's own, a control for the others (the anytime
+    # HBPO's budget prompts for every plain method: HBPO's own, a control for the others (the anytime
     # methods are evaluated by acc(b) only).
-    if not anytime:
-        common.append("eval.modes=[" + ",".join(budget_mode(b) for b in hbpo.algo.budgets) + "]")
+    overrides = {method: common + ([] if method in ANYTIME_METHODS else
+                                   ["eval.modes=[" + ",".join(budget_mode(b) for b in hbpo.algo.budgets) + "]"])
+                 for method in methods}
     if not args.table_only:
         start = time.perf_counter()
 
         def run_seed(seed: int) -> None:
             for method in methods:
-                for command, log in method_runs(method, seed, out, common, args.nproc, hbpo.train.total_steps,
-                                                args.warmup_per_seed):
+                for command, log in method_runs(method, seed, out, overrides[method], args.nproc,
+                                                recipes[method].train.total_steps, args.warmup_per_seed):
                     print(f"{method}, seed {seed}: {' '.join(command[command.index('--config'):][:2])}", flush=True)
                     run_training(command, log)
 
@@ -326,9 +330,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"all runs done in {time.perf_counter() - start:.0f} s", flush=True)
-    runs = collect(out, methods, seeds)
+    if plain:
+        plain_report(out, collect(out, plain, seeds), plain, seeds, args, hbpo)
     if anytime:
-        return anytime_report(out, runs, methods, seeds, args, hbpo.train.total_steps, hbpo.eval.problems_per_level)
+        first = recipes[anytime[0]]
+        anytime_report(out, collect(out, anytime, seeds), anytime, seeds, args, first.train.total_steps,
+                       first.eval.problems_per_level, name="anytime_comparison" if plain else "comparison")
+    return 0
+
+
+def plain_report(out: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], methods: Sequence[str],
+                 seeds: Sequence[int], args: argparse.Namespace, hbpo: Recipe) -> None:
+    """The natural-mode and adherence table and every evaluation cell, into comparison.md/json and stdout."""
     table = comparison_table(runs)
     cells = cells_table(runs)
     warmups = "each seed's own warm-up base" if args.warmup_per_seed else "one warm-up base for every seed"
@@ -347,24 +360,25 @@ def main(argv: list[str] | None = None) -> int:
                                                  "warmup_per_seed": args.warmup_per_seed, "cells": cells,
                                                  "cells_header_rows": cells_rows(runs)})
     print(caption + "\n\n" + table + "\n\n" + cells_caption + "\n\n" + cells)
-    return 0
 
 
 def anytime_report(out: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], methods: Sequence[str],
-                   seeds: Sequence[int], args: argparse.Namespace, steps: int, problems_per_level: int) -> int:
+                   seeds: Sequence[int], args: argparse.Namespace, steps: int, problems_per_level: int,
+                   name: str = "comparison") -> None:
+    """The acc(b) table of the anytime methods (their own warm-up base) into <name>.md/json/png and stdout."""
     header, rows = anytime_comparison_rows(runs)
     table = markdown_table(header, rows)
     caption = (f"acc(b) %: one thinking sample per problem cut after b tokens and one forced summary; anytime acc: "
                f"the mean over the grid, final acc: acc(b_max), format %: the summaries' format rate over the grid. "
                f"Mean over seeds {', '.join(map(str, seeds))} [min, max]; {steps} steps, {problems_per_level} problems "
-               f"per level" + (" (--short: a smoke run, the numbers mean nothing)" if args.short else "") + ".")
-    atomic.write_text(out / "comparison.md", caption + "\n\n" + table + "\n")
-    atomic.write_json(out / "comparison.json", {"methods": list(methods), "seeds": list(seeds), "short": args.short,
-                                                 "overrides": list(args.overrides), "table": table,
-                                                 "header_rows": [header, rows]})
-    plot_anytime_seeds(runs, out / "comparison.png")
-    print(caption + "\n\n" + table + f"\nwrote {out / 'comparison.png'}")
-    return 0
+               f"per level; base: the anytime methods' own warm-up (forced-summary examples)"
+               + (" (--short: a smoke run, the numbers mean nothing)" if args.short else "") + ".")
+    atomic.write_text(out / f"{name}.md", caption + "\n\n" + table + "\n")
+    atomic.write_json(out / f"{name}.json", {"methods": list(methods), "seeds": list(seeds), "short": args.short,
+                                              "overrides": list(args.overrides), "table": table,
+                                              "header_rows": [header, rows]})
+    plot_anytime_seeds(runs, out / f"{name}.png")
+    print("\n" + caption + "\n\n" + table + f"\nwrote {out / f'{name}.png'}")
 
 
 if __name__ == "__main__":

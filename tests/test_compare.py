@@ -114,8 +114,24 @@ def test_anytime_comparison_table_only_from_runs(tmp_path, capsys):
     assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:]] == ["base", "anytime_grpo", "anytime"]
     assert rows[3].split(" | ")[1] == "100.0 [100.0, 100.0]" and (tmp_path / "comparison.png").is_file()
     assert json.loads((tmp_path / "comparison.json").read_text())["methods"] == ["anytime_grpo", "anytime"]
-    assert compare_main(["--methods", "grpo,anytime", "--table-only", "--out", str(tmp_path)]) == 2
-    assert "only with each other" in capsys.readouterr().err
+    assert compare_main(["--methods", "grpo,anytme", "--table-only", "--out", str(tmp_path)]) == 2
+    assert "error: --methods from" in capsys.readouterr().err
+
+    # With the other methods (one command, as by default): their table in comparison.md, the anytime
+    # methods' (their own base) in anytime_comparison.md.
+    for method, seed in [(m, s) for m in ("grpo", "hbpo") for s in (1, 2)]:
+        run = tmp_path / method / f"seed_{seed}"
+        run.mkdir(parents=True)
+        (run / "eval_before.json").write_text(json.dumps(document(0.5, 40, 20)))
+        (run / "eval_after.json").write_text(json.dumps(document(0.75, 20, 15)))
+    assert compare_main(["--out", str(tmp_path), "--methods", "grpo,hbpo,anytime_grpo,anytime", "--seeds", "1,2",
+                         "--table-only"]) == 0
+    out = capsys.readouterr().out
+    plain, anytime = out.index("| method | level 1 |"), out.index("| method | anytime acc |")
+    assert plain < anytime
+    assert json.loads((tmp_path / "comparison.json").read_text())["methods"] == ["grpo", "hbpo"]
+    assert json.loads((tmp_path / "anytime_comparison.json").read_text())["methods"] == ["anytime_grpo", "anytime"]
+    assert (tmp_path / "anytime_comparison.png").is_file()
 
 
 def run_compare(out, *args: str, timeout: float) -> str:
@@ -145,7 +161,8 @@ def check_comparison(out, stdout: str, seeds: list[int], methods=METHODS) -> Non
     if "adaptthink" in methods:  # R_ref per level, measured before the first step
         reference = json.loads((out / "adaptthink" / f"seed_{seeds[0]}" / "adaptthink_reference.json").read_text())
         assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"}
-    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    plain = stdout[:stdout.index("| method | anytime acc |")] if "| method | anytime acc |" in stdout else stdout
+    rows = [line for line in plain.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| method | level 1 |") and (out / "comparison.md").is_file()
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]  # rows[0]: the header
     assert [x for x in labels if x] == ["base", *methods]
@@ -193,6 +210,7 @@ def test_short_comparison_of_the_baselines_with_new_machinery(tmp_path):
 def test_short_comparison_of_every_method_over_two_seeds(tmp_path):
     stdout = run_compare(tmp_path, "--short", "--seeds", "1234,1235", timeout=3600)
     check_comparison(tmp_path, stdout, [1234, 1235])
+    assert (tmp_path / "anytime_comparison.md").is_file()  # AnytimeReasoner and its GRPO, from their own base
 
 
 @pytest.mark.slow
