@@ -84,6 +84,9 @@ _HARMLESS_LOGS = [
      "calls (torch's compile-time benchmarking) are skipped as vLLM intends"),
     ("torch._library.triton", r"Triton not available",
      "the same missing triton, seen by torch when vLLM registers its kernels"),
+    ("vllm.compilation.decorators", r"Compiling model again due to a load failure .*Source code has changed",
+     "vLLM's compile cache (~/.cache/vllm) holds the graph of an earlier model file or vLLM source; it "
+     "recompiles, as it says, and caches the new graph"),
 ]
 
 # Log records shown once per process, then dropped: (logger, message regex, why).
