@@ -30,9 +30,9 @@ over the seeds with [min, max]. A second table holds every cell of the evaluatio
 response tokens per prompt mode and level) for the base (before training) and each method (after), each
 as the mean over the seeds [min, max]. Without --warmup-per-seed every seed starts from the recipe's one
 warm-up base (warmup.prebuilt where it matches, else warmup.seed in warmup.dir), so the spread is the RL's
-and the evaluation's alone; with it, seed S also trains its own base (warmup.seed=S, in <out>/warmup/seed_S,
-shared by the seed's methods), so the spread covers the warm-up's variance too. `--short` is a smoke run (a
-40-step warm-up of its own, 2 steps, 4 problems per level): its numbers mean nothing. Writes
+and the evaluation's alone; with it, seed S also trains its own base (warmup.seed=warmup.init_seed=S, in
+<out>/warmup/seed_S, shared by the seed's methods), so the spread covers the warm-up's variance too. `--short`
+is a smoke run (a 40-step warm-up of its own, 2 steps, 4 problems per level): its numbers mean nothing. Writes
 <out>/comparison.md and comparison.json; each run's directory keeps its logs, metrics.jsonl and eval_*.json.
 """
 
@@ -105,7 +105,8 @@ def method_runs(method: str, seed: int, out: Path, common: Sequence[str], nproc:
     own = [f"train.seed={seed}", f"logging.dir={run_dir}", f"checkpoint.dir={run_dir / 'ck'}", *common]
     if warmup_per_seed:  # the anytime methods' base is another one (forced-summary examples)
         bases = out / ("warmup_anytime" if method in ANYTIME_METHODS else "warmup")
-        own += [f"warmup.seed={seed}", f"warmup.dir={bases / f'seed_{seed}'}", "warmup.prebuilt=null"]
+        own += [f"warmup.seed={seed}", f"warmup.init_seed={seed}", f"warmup.dir={bases / f'seed_{seed}'}",
+                "warmup.prebuilt=null"]
     if method != "l1_max":
         return [(train_command(RECIPES[method], own, nproc), run_dir / "train.log")]
     exact_steps = max(1, min(total_steps - 1, round(total_steps * L1_EXACT_SHARE)))

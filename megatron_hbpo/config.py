@@ -415,7 +415,10 @@ class WarmupConfig:
     # answers anyway (docs/anytime.md, "CPU demonstration"); the inserted tokens are context, not targets.
     summary_cut_fraction: float = bounded(0.0, ge=0, le=1)
     dir: str | None = None
-    seed: int = 4321
+    seed: int = 4321             # the warm-up's data
+    # The base's random initialisation, before the warm-up (not train.seed: every RL seed of a comparison
+    # starts from the same base). 1234: the bases measured in README.md and BENCHMARKS.md.
+    init_seed: int = 1234
     # A base built ahead by this warm-up code (`make warmup-base`; recipes/tiny_cpu.yaml ships one in assets/):
     # used when its fingerprint equals this recipe's warm-up, code included; otherwise the warm-up trains into
     # `dir` as without it. null: always train (the full path).

@@ -277,8 +277,10 @@ def reference_speed(warmup: WarmupConfig, *, model: ModelConfig, parallel: Paral
 def _warmup_policy(w: WarmupConfig, *, model: ModelConfig, parallel: ParallelConfig, optimizer: OptimizerConfig,
                    data: DataConfig, algo: AlgoConfig, micro_batch_tokens: int, hf_config: PretrainedConfig,
                    tokenizer: PreTrainedTokenizerBase) -> tuple[MegatronPolicy, PromptBuilder]:
+    from megatron_hbpo.megatron.parallel import seed_model_init
     from megatron_hbpo.megatron.train_step import MegatronPolicy
 
+    seed_model_init(w.init_seed)
     warm_optimizer = dataclasses.replace(optimizer, lr=w.lr, min_lr=w.min_lr, lr_schedule="cosine",
                                          lr_warmup_steps=min(50, w.steps // 10), weight_decay=w.weight_decay)
     policy = MegatronPolicy(hf_config, model, parallel, warm_optimizer, micro_batch_tokens=micro_batch_tokens,

@@ -218,3 +218,26 @@ def test_sigterm_saves_and_stops_at_the_end_of_the_step(world, tmp_path):
     assert trainer.preempted and [m["step"] for m in history] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000002"]
     assert "time/checkpoint" in history[-1]
+
+
+def test_the_warmup_base_initialises_from_its_init_seed_alone(world):
+    """Every RL seed of a comparison shares one base, and the shipped base is rebuilt by a tool that never
+    sees train.seed: the warm-up's model starts from warmup.init_seed whatever the RNG state before it."""
+    from megatron_hbpo.megatron.state import iter_full_tensors
+    from megatron_hbpo.warmup import _warmup_policy
+
+    tokenizer, hf_config, _ = world
+    recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml")
+    args = dict(model=recipe.model, parallel=recipe.parallel, optimizer=recipe.optimizer, data=recipe.data,
+                algo=recipe.algo, micro_batch_tokens=recipe.train.micro_batch_tokens, hf_config=hf_config,
+                tokenizer=tokenizer)
+
+    def initial_weights(rng_seed: int, init_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(rng_seed)  # what train.seed left behind
+        warmup = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [f"warmup.init_seed={init_seed}"]).warmup
+        policy, _ = _warmup_policy(warmup, **args)
+        return {name: t.clone() for name, t in iter_full_tensors(policy.model[0])}
+
+    first, second, other = initial_weights(1, 1234), initial_weights(2, 1234), initial_weights(1, 99)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)

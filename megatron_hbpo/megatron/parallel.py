@@ -17,7 +17,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
     Call after the recipe has been validated (this is where the process group starts) and after
     `runtime.configure()` (which installs the CPU shims where there is no CUDA).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu and not cpu.is_enabled():
@@ -40,6 +40,14 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
     )
+    seed_model_init(seed)
+
+
+def seed_model_init(seed: int) -> None:
+    """Seed torch and Megatron's model-parallel RNG: a model built next initialises from `seed` alone."""
+    from megatron.core import tensor_parallel
+
+    on_cpu = not torch.cuda.is_available()
     torch.manual_seed(seed)
     # On CPU there is no CUDA RNG to fork per TP rank: Megatron's inference tracker makes the
     # tracker a no-op (dropout is 0 in these models anyway).
