@@ -211,7 +211,7 @@ def _run(recipe: Recipe, wall_start: float) -> int:
         base = run_warmup(recipe.warmup, checkpoint_dir=recipe.checkpoint.dir, log=_log_rank0,
                           **warmup_args) if recipe.warmup.steps else None
     reference = None  # this machine's speed on a fixed workload, which a reused base did not measure here
-    if base is not None:
+    if base is not None and e.before_after and not recipe.tree_rows:  # the runs that print their time split
         if base.trained_here:
             reference = base.record.get("reference_tokens_per_s")
         else:

@@ -404,7 +404,8 @@ def test_bad_dataset_row_is_named_before_training(tmp_path):
     bpe_tokenizer().save_pretrained(tmp_path / "tokenizer")  # a chat tokenizer of 323 tokens
     proc = launch(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "data.source=files",
                    f"data.train_files=[{data}]", "warmup.steps=0", f"model.tokenizer_path={tmp_path / 'tokenizer'}",
-                   "model.vocab_size=384", "eval.before_after=false", f"logging.dir={tmp_path / 'run'}"])
+                   "model.vocab_size=384", "eval.before_after=false", f"logging.dir={tmp_path / 'run'}",
+                   f"checkpoint.dir={tmp_path / 'ck'}"])  # not the recipe's, where a user's `make run` may have saved
     out = finish(proc, expect=2)
     assert f"{data}:2: missing or empty 'answer'" in out
 
