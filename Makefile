@@ -34,9 +34,11 @@ run: setup
 run-full: setup
 	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml warmup.prebuilt=null
 
-# Rebuild the shipped warm-up base after a change to the warm-up (tests/test_warmup.py says when).
+# Rebuild the shipped warm-up bases after a change to the warm-up (tests/test_warmup.py says when): the
+# embedded default's and the AnytimeReasoner recipes' (forced-summary examples), ~10 minutes each.
 warmup-base: setup
 	OMP_NUM_THREADS=1 $(PY) tools/build_warmup_base.py --config recipes/tiny_cpu.yaml
+	OMP_NUM_THREADS=1 $(PY) tools/build_warmup_base.py --config recipes/tiny_cpu_anytime.yaml
 
 # The embedded default over three seeds, each with its own warm-up base; prints every before/after cell
 # (accuracy and mean tokens per level and prompt mode) as mean [min, max] (about 3 x `make run`).

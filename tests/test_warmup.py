@@ -107,11 +107,12 @@ def test_the_fingerprint_covers_the_warmup_code(tmp_path, monkeypatch):
     assert before["code"] != source_digest() == after["code"]
 
 
-def test_the_shipped_base_is_what_the_recipe_trains():
-    """assets/tiny_cpu_warmup (what `make run` starts from) carries the fingerprint of tiny_cpu.yaml's warm-up as
-    the code trains it today, and a base that learned the additions. A change to the warm-up's settings or
-    code fails here until `make warmup-base` rebuilds the base."""
-    recipe = load_recipe("recipes/tiny_cpu.yaml")
+@pytest.mark.parametrize("recipe_file", ["tiny_cpu.yaml", "tiny_cpu_anytime.yaml"])
+def test_the_shipped_base_is_what_the_recipe_trains(recipe_file):
+    """assets/tiny_cpu_warmup (what `make run` starts from) and assets/tiny_cpu_anytime_warmup carry the
+    fingerprint of their recipe's warm-up as the code trains it today, and a base that learned the additions.
+    A change to the warm-up's settings or code fails here until `make warmup-base` rebuilds the bases."""
+    recipe = load_recipe(f"recipes/{recipe_file}")
     shipped = REPO / recipe.warmup.prebuilt
     record = json.loads((shipped / FINGERPRINT_FILE).read_text())
     stale = fingerprint_difference(record["fingerprint"], fingerprint_of(recipe))
