@@ -30,7 +30,7 @@ run: setup
 	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml
 
 # The same run with the warm-up trained here instead of the shipped base (assets/tiny_cpu_warmup): the
-# full path, ~2.5x `make run`'s time.
+# full path; the warm-up adds 5-14 minutes on a 2-core machine (BENCHMARKS.md).
 run-full: setup
 	$(PY) -m megatron_hbpo.train --config recipes/tiny_cpu.yaml warmup.prebuilt=null
 
