@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     common = ["logging.progress_bar=false", "logging.tensorboard=false", f"cluster.gpus_per_node={args.nproc}"]
     if args.short:
-        common += [*SHORT, f"warmup.dir={out / 'warmup_short'}", "warmup.prebuilt=null"]
+        common += [*SHORT, "warmup.prebuilt=null"]
     common += list(args.overrides)
     try:
         recipes = {method: load_recipe(REPO / "recipes" / RECIPES[method], common) for method in methods}
@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {method: common + ([] if method in ANYTIME_METHODS else
                                    ["eval.modes=[" + ",".join(budget_mode(b) for b in hbpo.algo.budgets) + "]"])
                  for method in methods}
+    if args.short:  # a short warm-up of their own; the anytime methods' is another (forced-summary examples)
+        for method in methods:
+            short_base = "warmup_short_anytime" if method in ANYTIME_METHODS else "warmup_short"
+            overrides[method].append(f"warmup.dir={out / short_base}")
     if not args.table_only:
         start = time.perf_counter()
 
