@@ -161,8 +161,8 @@ def check_comparison(out, stdout: str, seeds: list[int], methods=METHODS) -> Non
     if "adaptthink" in methods:  # R_ref per level, measured before the first step
         reference = json.loads((out / "adaptthink" / f"seed_{seeds[0]}" / "adaptthink_reference.json").read_text())
         assert set(reference["table"]) == {"level:1", "level:2", "level:3", "level:4"}
-    plain = stdout[:stdout.index("| method | anytime acc |")] if "| method | anytime acc |" in stdout else stdout
-    rows = [line for line in plain.splitlines() if line.startswith("| ")]
+    first = stdout[stdout.index("| method | level 1 |"):]
+    rows = [line for line in first[:first.index("\n\n")].splitlines() if line.startswith("| ")]  # the main table
     assert rows[0].startswith("| method | level 1 |") and (out / "comparison.md").is_file()
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]  # rows[0]: the header
     assert [x for x in labels if x] == ["base", *methods]
