@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     common += list(args.overrides)
     try:
         recipes = {method: load_recipe(REPO / "recipes" / RECIPES[method], common) for method in methods}
-        hbpo = load_recipe(REPO / "recipes" / RECIPES["hbpo"], common)
+        hbpo = recipes.get("hbpo") or load_recipe(REPO / "recipes" / RECIPES["hbpo"], common)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -55,11 +55,16 @@ def test_grpo_baseline_shares_the_hbpo_warmup():
     assert hbpo != fingerprint_of(load_recipe("recipes/tiny_cpu.yaml", ["warmup.error_rate=0.2"]))
 
 
+def finished(directory: Path, recipe: Recipe) -> None:
+    """A finished warm-up of `recipe` in `directory`, as run_warmup leaves it (weights + warmup.json)."""
+    (directory / "weights").mkdir(parents=True)
+    (directory / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint_of(recipe), "steps": 1500,
+                                                          "final_loss": 0.05}))
+
+
 def test_finished_warmup_is_reused_and_a_different_one_refused(tmp_path):
     recipe = load_recipe("recipes/tiny_cpu.yaml", [f"warmup.dir={tmp_path}", "warmup.prebuilt=null"])
-    (tmp_path / "weights").mkdir()
-    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint_of(recipe), "steps": 1500,
-                                                         "final_loss": 0.05}))
+    finished(tmp_path, recipe)
     logs = []
     base = warmup_of(recipe, logs.append)
     assert base.weights == tmp_path / "weights" and not base.trained_here and base.record["steps"] == 1500
@@ -67,12 +72,6 @@ def test_finished_warmup_is_reused_and_a_different_one_refused(tmp_path):
     other = load_recipe("recipes/tiny_cpu.yaml", [f"warmup.dir={tmp_path}", "warmup.prebuilt=null", "model.num_layers=4"])
     with pytest.raises(FileExistsError, match=r"other settings or code \(model.num_layers differ\)"):
         warmup_of(other, logs.append)
-
-
-def finished(directory: Path, recipe: Recipe, **record) -> None:
-    (directory / "weights").mkdir(parents=True)
-    (directory / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint_of(recipe), "steps": 1500,
-                                                          "final_loss": 0.05, **record}))
 
 
 def test_a_matching_prebuilt_base_is_used_and_another_trains_the_recipes_own(tmp_path):
